@@ -1,0 +1,174 @@
+"""The config schema every experiment config starts from.
+
+Config files under `configs/` call `base_config()` and override fields; the
+command line overrides them again (`--config.adv.eps=0.05`). Every reference
+choice of SPEC sections 1-5 is a named field here, with the reference default.
+"""
+
+import ml_collections
+
+PRECISIONS = ("float", "binary", "ternary", "ternary_twn", "4bit", "kbit", "int8_qat")
+LOSSES = ("natural", "pgd", "tradeoff", "trades")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def base_config():
+    """Paper-scale defaults (CIFAR-10, ResNet20, 200 epochs); configs override."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cifar10"  # tfds name, or a path to an .npz file
+    c.data.data_dir = ""  # tfds data dir; "" = tfds default (~/tensorflow_datasets)
+    c.data.augment = True  # pad-4 random crop + horizontal flip
+    c.data.max_train_examples = 0  # 0 = all
+    c.data.max_test_examples = 0  # 0 = all
+    c.data.shuffle_buffer = 10_000
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 20  # 6n+2
+    c.model.width = 16  # channels of the first stage (16/32/64 for ResNet20)
+    c.model.ensemble = 1  # M of En_M
+    c.model.sigma = 0.1  # Feynman-Kac noise scale; 0 = plain ResNet
+    c.model.noise_pool = 4  # fresh N(0,1) draws per element: 1/noise_pool (see layers.py)
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.precision = "float"  # one of PRECISIONS
+    c.quant.bits = 4  # for "kbit"
+    c.quant.per_channel = False  # one scale per layer (ref) or per output channel
+    c.quant.layers = ("conv3x3",)  # layer kinds to quantize (quantize.LAYER_KINDS)
+    c.quant.lam0 = 1.0
+    c.quant.rho = 1.05  # lam *= rho once per epoch (paper's code; 1.04 in the BR demo)
+    c.quant.phase2_epoch = 120  # exact Q(w) from this epoch on (paper's code)
+    c.quant.phase2_fraction = -1.0  # if >= 0, overrides phase2_epoch as a fraction of epochs
+
+    c.adv = ml_collections.ConfigDict()
+    c.adv.eps = 8 / 255
+    c.adv.eps_iter = 2 / 255
+    c.adv.steps = 10
+    c.adv.rand_init = True
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "tradeoff"  # one of LOSSES
+    c.loss.a = 8.0  # tradeoff: a * CE(adv) + CE(nat)
+    c.loss.beta = 6.0  # trades
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.epochs = 200
+    c.optim.steps_per_epoch = 0  # 0 = one pass over the (capped) training set
+    c.optim.batch_size = 128
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 5e-4  # L2 added to the gradient of the float weights
+    c.optim.milestones = (80, 120, 160)  # lr *= gamma at these epochs
+    c.optim.gamma = 0.1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_examples = 1000
+    c.eval.batch_size = 200
+    c.eval.eot_samples = 8  # noise draws for EOT gradients and expected predictions
+    c.eval.eps_sweep = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
+    c.eval.attacks = ("fgsm", "ifgsm20", "pgd20", "cw")
+    c.eval.eot_attacks = ("fgsm", "ifgsm20", "pgd20")  # also run with EOT gradients
+    # Attack steps relative to config.adv.eps, as SPEC 5 at CIFAR scale:
+    # IFGSM-20 steps 1/255 of an 8/255 ball, PGD-20 steps 2/255.
+    c.eval.ifgsm_step_fraction = 1 / 8
+    c.eval.pgd_step_fraction = 1 / 4
+    c.eval.cw_c = 10.0
+    c.eval.cw_kappa = 0.0
+    c.eval.cw_lr = 6e-4
+    c.eval.cw_steps = 50
+    c.eval.sweep_examples = 500  # examples for the eps sweep and the step/restart checks
+
+    c.export = ml_collections.ConfigDict()
+    c.export.formats = ("float32", "dynamic_int8", "full_int8")
+    c.export.prune = True
+    c.export.representative_examples = 200
+    c.export.parity_examples = 1000
+
+    c.bench = ml_collections.ConfigDict()
+    c.bench.threads = (1, 2)
+    c.bench.runs = 200
+
+    c.strategy = "default"  # one of STRATEGIES
+
+    # `brkeras pipeline`: one work dir per model, each an ARG of apply_arg.
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.models = ("float,tradeoff", "ternary,tradeoff", "4bit,tradeoff",
+                         "ternary,pgd", "int8_qat,tradeoff")
+    c.pipeline.stages = ("train", "evaluate", "export", "benchmark")
+    return c
+
+
+def validate(c):
+    """Raises ValueError naming the field and its allowed values."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    need(c.quant.precision in PRECISIONS,
+         f"config.quant.precision={c.quant.precision!r}; choose one of {PRECISIONS}")
+    need(c.loss.name in LOSSES, f"config.loss.name={c.loss.name!r}; choose one of {LOSSES}")
+    need(c.strategy in STRATEGIES,
+         f"config.strategy={c.strategy!r}; choose one of {STRATEGIES}")
+    need((c.model.depth - 2) % 6 == 0 and c.model.depth >= 8,
+         f"config.model.depth={c.model.depth}; a pre-activation ResNet has depth 6n+2 "
+         "(8, 14, 20, 32, 44, 56, 110)")
+    need(c.model.ensemble >= 1, "config.model.ensemble must be >= 1")
+    need(c.model.sigma >= 0, "config.model.sigma must be >= 0")
+    need(c.model.noise_pool >= 1, "config.model.noise_pool must be >= 1")
+    need(c.optim.epochs >= 1, "config.optim.epochs must be >= 1")
+    need(c.optim.batch_size >= 1, "config.optim.batch_size must be >= 1")
+    need(0 <= c.adv.eps_iter and 0 <= c.adv.eps <= 1,
+         "config.adv.eps must be in [0, 1] and eps_iter >= 0")
+    need(c.adv.steps >= 0, "config.adv.steps must be >= 0")
+    need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
+         "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
+    need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")
+    return c
+
+
+def phase2_epoch(c):
+    """The epoch at which Binary-Relax switches to exact Q(w)."""
+    if c.quant.phase2_fraction >= 0:
+        return int(round(c.quant.phase2_fraction * c.optim.epochs))
+    return int(c.quant.phase2_epoch)
+
+
+def apply_arg(c, arg):
+    """Applies a config-file ARG such as "ternary,tradeoff,en2,d56" to `c`.
+
+    Tokens: a precision (PRECISIONS), a loss (LOSSES), `enM` (ensemble of M
+    members), `dN` (depth N), `wN` (first-stage width N). Unknown tokens raise.
+    """
+    for token in filter(None, (arg or "").split(",")):
+        token = token.strip()
+        if token in PRECISIONS:
+            c.quant.precision = token
+        elif token in LOSSES:
+            c.loss.name = token
+        elif token.startswith("en") and token[2:].isdigit():
+            c.model.ensemble = int(token[2:])
+        elif token.startswith("d") and token[1:].isdigit():
+            c.model.depth = int(token[1:])
+        elif token.startswith("w") and token[1:].isdigit():
+            c.model.width = int(token[1:])
+        else:
+            raise ValueError(
+                f"unknown config argument {token!r}; use comma-separated tokens: a "
+                f"precision {PRECISIONS}, a loss {LOSSES}, enM (ensemble size), dN "
+                "(depth), wN (width), e.g. ternary,tradeoff,en2,d20")
+    return c
+
+
+def stage_config(stored, override=None):
+    """The config of a later stage: the run's stored config, with the eval, export
+    and bench sections of `override` (a --config given to evaluate/export/benchmark)."""
+    c = ml_collections.ConfigDict(stored)
+    if override is not None:
+        with c.unlocked():
+            for section in ("eval", "export", "bench"):
+                if section in override:
+                    c[section] = ml_collections.ConfigDict(override[section].to_dict())
+    return c

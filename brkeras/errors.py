@@ -1,0 +1,13 @@
+"""brkeras's error types: each message says what went wrong and how to fix it."""
+
+
+class BrkerasError(RuntimeError):
+    """Base of the errors the command line reports without a traceback."""
+
+
+class WorkdirError(BrkerasError):
+    """A work dir that cannot be used as asked."""
+
+
+class NonFiniteLossError(BrkerasError):
+    """The training loss became NaN or Inf."""

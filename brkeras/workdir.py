@@ -1,0 +1,166 @@
+"""A run's work dir: its resolved config, metrics log and state, written safely.
+
+Layout: config.json (resolved config), metrics.jsonl (one JSON line per epoch),
+state.json ({"completed_epochs", "finished"}), ckpt/, tb/, and the later stages'
+outputs. Files are replaced atomically (write to a temp file, then rename), so a
+killed run never leaves a half-written JSON file behind.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import ml_collections
+
+from brkeras.errors import WorkdirError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+STATE = "state.json"
+CKPT = "ckpt"
+TB = "tb"
+TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if hasattr(x, "item"):  # numpy / tf scalars
+        return _jsonable(x.item())
+    return x
+
+
+def write_json(path, obj):
+    """Writes `obj` as JSON to `path` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path} is corrupt ({e}); remove it or use a new work dir") from e
+
+
+def config_to_dict(config):
+    return json.loads(config.to_json_best_effort())
+
+
+def load_config(workdir):
+    """The resolved config a run was started with."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        raise WorkdirError(
+            f"{workdir} holds no trained run ({CONFIG} missing); run "
+            f"`brkeras train --config=... --workdir={workdir}` first")
+    return ml_collections.ConfigDict(read_json(path))
+
+
+def read_state(workdir):
+    path = os.path.join(workdir, STATE)
+    if not os.path.exists(path):
+        return {"completed_epochs": 0, "finished": False}
+    return read_json(path)
+
+
+def write_state(workdir, completed_epochs, finished):
+    write_json(os.path.join(workdir, STATE),
+               {"completed_epochs": int(completed_epochs), "finished": bool(finished)})
+
+
+def append_metrics(workdir, record):
+    with open(os.path.join(workdir, METRICS), "a") as f:
+        f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(workdir):
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: ignore it and everything after
+    return rows
+
+
+def truncate_metrics(workdir, completed_epochs):
+    """Keeps only the metric lines of epochs <= completed_epochs (resume after a kill)."""
+    rows = [r for r in read_metrics(workdir) if r.get("epoch", 0) <= completed_epochs]
+    path = os.path.join(workdir, METRICS)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _diff(old, new, prefix=""):
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_for_training(workdir, config, overwrite=False):
+    """Readies `workdir` for `train`; returns "new" or "resume".
+
+    A finished run is never overwritten silently: without `overwrite` it is an
+    error. An unfinished run with the same config resumes; with a different
+    config it is an error that lists the differences.
+    """
+    new = config_to_dict(config)
+    cfg_path = os.path.join(workdir, CONFIG)
+    if overwrite:
+        for name in TRAIN_OUTPUTS:
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    elif os.path.exists(cfg_path):
+        state = read_state(workdir)
+        if state["finished"]:
+            raise WorkdirError(
+                f"{workdir} already holds a finished run ({state['completed_epochs']} "
+                "epochs). Evaluate it with `brkeras evaluate`, choose another "
+                "--workdir, or pass --overwrite to train again from scratch.")
+        diff = _diff(read_json(cfg_path), new)
+        if diff:
+            raise WorkdirError(
+                f"{workdir} holds an unfinished run with a different config:\n  "
+                + "\n  ".join(diff)
+                + "\nResume it with the same config, or pass --overwrite to start over.")
+        return "resume"
+    os.makedirs(workdir, exist_ok=True)
+    write_json(cfg_path, new)
+    return "new"
