@@ -1,0 +1,416 @@
+"""Binary-Relax weight quantization as a tfmot QuantizeConfig.
+
+Float weights w are kept and trained; the layer computes with
+    phase I (relaxed): u = (lam * Q(w) + w) / (1 + lam),
+    phase II (exact):  u = Q(w),
+and the gradient of the loss at u is passed to w unchanged (straight-through,
+du/dw := I). lam and the phase are two non-trainable variables of each wrapped
+layer (`br_lam`, `br_exact`), saved and checkpointed with the model and set once
+per epoch by `BinaryRelaxSchedule`, a pure function of the epoch.
+
+The forward map depends on lam and the phase only, never on Keras' `training`
+flag: the PGD attack inside a train step and the loss see the same u. Evaluation
+and export force phase II with `set_exact(model)`.
+
+Only the kernels of the layer kinds in `config.quant.layers` are wrapped
+(default: every 3x3 conv); a weight-only tfmot scheme (no layout transform, an
+empty registry) keeps tfmot from adding fake-quant ops anywhere else.
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from brkeras import quantizers
+from brkeras._keras import keras, tf
+
+_qk = tfmot.quantization.keras
+QuantizeWrapper = _qk.QuantizeWrapper
+
+# Layer kinds that config.quant.layers may name: kind -> (exact class, kernel size).
+# Exact class match: Conv2DTranspose subclasses Conv2D and must not pass as one.
+LAYER_KINDS = {
+        "conv3x3": (keras.layers.Conv2D, (3, 3)),
+        "conv1x1": (keras.layers.Conv2D, (1, 1)),
+        "dense": (keras.layers.Dense, None),
+}
+
+BR_PRECISIONS = tuple(quantizers.QUANTIZERS)
+
+
+def layer_kind(layer):
+    """The LAYER_KINDS name of `layer`, or None."""
+    for kind, (cls, kernel_size) in LAYER_KINDS.items():
+        if type(layer) is cls and (kernel_size is None
+                                   or tuple(layer.kernel_size) == kernel_size):
+            return kind
+    return None
+
+
+def binary_relax(w, q_fn, lam, exact):
+    """Binary-Relax forward with a straight-through gradient.
+
+    Forward: u = Q(w) if exact >= 0.5 else (lam * Q(w) + w) / (1 + lam), with
+    Q = q_fn. Pseudo-gradient: dL/dw := dL/du (du/dw taken as the identity);
+    no gradient to lam or exact.
+    """
+    lam = tf.cast(tf.convert_to_tensor(lam), w.dtype)
+    exact = tf.cast(tf.convert_to_tensor(exact), w.dtype)
+
+    @tf.custom_gradient
+    def _forward(w, lam, exact):
+        q = q_fn(w)
+        u = tf.where(exact >= 0.5, q, (lam * q + w) / (1.0 + lam))
+
+        def grad(du):
+            return du, tf.zeros_like(lam), tf.zeros_like(exact)
+
+        return u, grad
+
+    return _forward(w, lam, exact)
+
+
+class BinaryRelaxQuantizer(_qk.quantizers.Quantizer):
+    """tfmot Quantizer computing u of Binary-Relax (see `binary_relax`).
+
+    Holds the hyper-parameters of Q (precision, bits, per_channel); its state
+    (lam, phase) lives in two non-trainable variables of the wrapping layer.
+    """
+
+    def __init__(self, precision="binary", bits=4, per_channel=False):
+        self.q_fn = quantizers.get(precision, bits=bits, per_channel=per_channel)
+        self.precision = precision
+        self.bits = int(bits)
+        self.per_channel = bool(per_channel)
+
+    def build(self, tensor_shape, name, layer):
+        # ONLY_FIRST_REPLICA: a value assigned in a replica context (or from a
+        # callback) stays identical on every replica under MirroredStrategy.
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        lam = layer.add_weight("br_lam", shape=(), dtype=tf.float32, trainable=False,
+                               initializer=keras.initializers.Constant(1.0), aggregation=agg)
+        exact = layer.add_weight("br_exact", shape=(), dtype=tf.float32, trainable=False,
+                                 initializer=keras.initializers.Constant(0.0), aggregation=agg)
+        return {"br_lam": lam, "br_exact": exact}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        del training  # deliberately ignored: see the module docstring
+        return binary_relax(inputs, self.q_fn, weights["br_lam"], weights["br_exact"])
+
+    def get_config(self):
+        return {"precision": self.precision, "bits": self.bits, "per_channel": self.per_channel}
+
+    def __eq__(self, other):
+        return isinstance(other, BinaryRelaxQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+class BinaryRelaxQuantizeConfig(_qk.QuantizeConfig):
+    """Quantizes the kernel only: no activation or output quantizers."""
+
+    def __init__(self, precision="binary", bits=4, per_channel=False):
+        self.precision = precision
+        self.bits = int(bits)
+        self.per_channel = bool(per_channel)
+
+    def get_weights_and_quantizers(self, layer):
+        return [(layer.kernel, BinaryRelaxQuantizer(self.precision, self.bits, self.per_channel))]
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        layer.kernel = quantize_weights[0]
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return []
+
+    def get_config(self):
+        return {"precision": self.precision, "bits": self.bits, "per_channel": self.per_channel}
+
+    def __eq__(self, other):
+        return (isinstance(other, BinaryRelaxQuantizeConfig)
+                and self.get_config() == other.get_config())
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+class _NoOpLayoutTransform(_qk.QuantizeLayoutTransform):
+    def apply(self, model, layer_quantize_map):
+        return model, layer_quantize_map
+
+
+class _EmptyRegistry(_qk.QuantizeRegistry):
+    """A registry that supports no layer: only annotated layers get wrapped."""
+
+    def get_quantize_config(self, layer):
+        return None
+
+    def supports(self, layer):
+        return False
+
+
+class WeightOnlyScheme(_qk.QuantizeScheme):
+    """tfmot scheme that wraps the annotated layers and touches nothing else.
+
+    tfmot's default 8-bit scheme adds an input fake-quant and output
+    fake-quants on supported layers feeding annotated ones; this one does not.
+    """
+
+    def get_layout_transformer(self):
+        return _NoOpLayoutTransform()
+
+    def get_quantize_registry(self):
+        return _EmptyRegistry()
+
+
+def _check_layers(layers):
+    layers = tuple(layers)
+    unknown = [k for k in layers if k not in LAYER_KINDS]
+    if unknown:
+        raise ValueError(f"config.quant.layers names unknown layer kinds {unknown}; "
+                         f"choose from {tuple(LAYER_KINDS)}")
+    return layers
+
+
+def quantize_model(model, quant_cfg):
+    """Returns the model to train at precision `quant_cfg.precision`.
+
+    "float": `model` itself. "int8_qat": tfmot's default 8-bit QAT of every
+    supported layer (see `int8_qat`). A Binary-Relax precision: a new functional
+    model in which the layers of the kinds `quant_cfg.layers` are QuantizeWrappers
+    computing u (weights copied from `model`), everything else untouched.
+    Under a tf.distribute strategy, call it inside `strategy.scope()`.
+    """
+    precision = quant_cfg.precision
+    if precision == "float":
+        return model
+    if precision == "int8_qat":
+        return int8_qat(model)
+    if precision not in BR_PRECISIONS:
+        raise ValueError(f"config.quant.precision={precision!r}; choose one of "
+                         f"{('float', 'int8_qat') + BR_PRECISIONS}")
+    kinds = _check_layers(quant_cfg.layers)
+    bits = int(quant_cfg.get("bits", 4))
+    per_channel = bool(quant_cfg.get("per_channel", False))
+    quantizers.get(precision, bits=bits, per_channel=per_channel)  # validates early
+    config = BinaryRelaxQuantizeConfig(precision, bits, per_channel)
+
+    def annotate(layer):
+        # Wrap the original layer object: its weights carry over to quantize_apply.
+        if layer_kind(layer) in kinds:
+            return _qk.quantize_annotate_layer(layer, quantize_config=config)
+        return layer
+
+    if not any(layer_kind(l) in kinds for l in model.layers):
+        raise ValueError(f"the model has no layer of the kinds {kinds} to quantize; "
+                         f"config.quant.layers must name kinds present in the model "
+                         f"(known kinds: {tuple(LAYER_KINDS)})")
+    with custom_object_scope():
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        return _qk.quantize_apply(annotated, scheme=WeightOnlyScheme())
+
+
+def int8_qat(model):
+    """tfmot's standard 8-bit QAT (`quantize_model`), tolerating custom layers.
+
+    tfmot's `quantize_model` annotates every layer and then fails on layers its
+    default registry does not know ("Layer noise:<FeynmanKacNoise> is not
+    supported"). Here such layers are left unannotated (they stay float, with
+    no fake-quant on their output); every other layer gets tfmot's default
+    8-bit treatment, as in quantize_model. The layout transform rebuilds the
+    model from its config, so custom layers must be registered: this runs
+    inside `custom_object_scope()`, which knows FeynmanKacNoise.
+    """
+    registry = _default_8bit_registry()
+
+    def annotate(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        if registry.supports(layer):
+            return _qk.quantize_annotate_layer(layer)
+        return layer  # unsupported (custom) layer: left unannotated, stays float
+
+    with custom_object_scope():
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        return _qk.quantize_apply(annotated)
+
+
+def _default_8bit_registry():
+    return _qk.default_8bit.Default8BitQuantizeScheme().get_quantize_registry()
+
+
+def custom_objects():
+    """Every custom object brkeras defines, by name (for deserialization)."""
+    objs = {
+            "BinaryRelaxQuantizer": BinaryRelaxQuantizer,
+            "BinaryRelaxQuantizeConfig": BinaryRelaxQuantizeConfig,
+    }
+    try:
+        from brkeras.layers import FeynmanKacNoise  # pylint: disable=g-import-not-at-top
+        objs["FeynmanKacNoise"] = FeynmanKacNoise
+    except ImportError:
+        pass
+    return objs
+
+
+@contextlib.contextmanager
+def custom_object_scope():
+    """Registers brkeras' and tfmot's custom objects (QuantizeWrapper etc.)."""
+    with _qk.quantize_scope(custom_objects()):
+        yield
+
+
+# ---- Binary-Relax state -------------------------------------------------------
+
+
+def br_quantizers(model):
+    """[(wrapper, float_weight, quantizer, {"br_lam", "br_exact"})] of every BR
+    quantizer in `model`, nested models and wrapping models included."""
+    found, seen = [], set()
+    for layer in [model] + list(model.submodules):
+        if not isinstance(layer, QuantizeWrapper) or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
+            if isinstance(quantizer, BinaryRelaxQuantizer):
+                found.append((layer, weight, quantizer, qvars))
+    return found
+
+
+def _require_br(model):
+    found = br_quantizers(model)
+    if not found:
+        raise ValueError("the model has no Binary-Relax quantizer; quantize it with "
+                         "quantize.quantize_model and a BR precision first")
+    return found
+
+
+def set_br_state(model, lam=None, exact=None):
+    """Assigns lam and/or the phase (exact: bool) to every BR quantizer.
+
+    Call from a cross-replica context (a callback, or outside strategy.run).
+    """
+    for _, _, _, qvars in _require_br(model):
+        if lam is not None:
+            qvars["br_lam"].assign(float(lam))
+        if exact is not None:
+            qvars["br_exact"].assign(1.0 if exact else 0.0)
+
+
+def set_exact(model, exact=True):
+    """Phase II (u = Q(w) exactly) in every BR quantizer; for evaluation/export."""
+    set_br_state(model, exact=exact)
+
+
+def br_state(model):
+    """(lam, exact) of the model's BR quantizers (all are set together)."""
+    _, _, _, qvars = _require_br(model)[0]
+    return float(qvars["br_lam"].numpy()), bool(qvars["br_exact"].numpy() >= 0.5)
+
+
+def br_lambda(epoch, lam0, rho):
+    """lam at `epoch` (0-based): lam0 * rho**epoch."""
+    return float(lam0) * float(rho)**int(epoch)
+
+
+class BinaryRelaxSchedule(keras.callbacks.Callback):
+    """Sets lam = lam0 * rho**epoch and phase II from `phase2_epoch` on.
+
+    A pure function of the epoch, so resuming at any epoch is correct.
+    """
+
+    def __init__(self, lam0=1.0, rho=1.05, phase2_epoch=120):
+        super().__init__()
+        if lam0 < 0 or rho < 1:
+            raise ValueError(f"BinaryRelaxSchedule(lam0={lam0}, rho={rho}): need lam0 >= 0 "
+                             "and rho >= 1")
+        self.lam0, self.rho, self.phase2_epoch = float(lam0), float(rho), int(phase2_epoch)
+
+    def state(self, epoch):
+        """(lam, exact) at `epoch`."""
+        return br_lambda(epoch, self.lam0, self.rho), epoch >= self.phase2_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        lam, exact = self.state(epoch)
+        set_br_state(self.model, lam=lam, exact=exact)
+
+
+def schedule_for(c):
+    """The BinaryRelaxSchedule of a full experiment config (config.base_config()),
+    with phase II at `config.phase2_epoch(c)` (fraction form included)."""
+    from brkeras import config as config_lib  # pylint: disable=g-import-not-at-top
+
+    return BinaryRelaxSchedule(c.quant.lam0, c.quant.rho, config_lib.phase2_epoch(c))
+
+
+# ---- Deploy weights -------------------------------------------------------------
+
+
+def quantized_kernels(model):
+    """{original layer name: exact Q(w) of its float kernel (HWIO / (in, out))}."""
+    return {wrapper.layer.name: quantizer.q_fn(weight).numpy()
+            for wrapper, weight, quantizer, _ in br_quantizers(model)}
+
+
+def _float_weights_by_layer(qmodel):
+    """{original layer name: [(variable name, value)]} of a quantized model, in
+    the order of the un-wrapped layer's weights, BR-quantized kernels replaced
+    by Q(w) and tfmot/BR bookkeeping variables dropped."""
+    out = {}
+    for layer in qmodel.layers:
+        if not isinstance(layer, QuantizeWrapper):
+            out[layer.name] = [(w.name, w.numpy()) for w in layer.weights]
+            continue
+        quantizer_of = {}
+        skip = {id(layer.optimizer_step)}
+        for w, q, qvars in layer._weight_vars:
+            if not isinstance(q, BinaryRelaxQuantizer):
+                raise ValueError(f"copy_to_float: layer {layer.name!r} is not Binary-Relax "
+                                 f"quantized ({type(q).__name__}); only BR models have a "
+                                 "float deploy copy (convert int8 QAT models directly)")
+            quantizer_of[id(w)] = q
+            skip.update(id(v) for v in qvars.values())
+        if layer._quantize_activations or layer._output_quantizers:
+            raise ValueError(f"copy_to_float: layer {layer.name!r} quantizes activations; "
+                             "only weight-only Binary-Relax models are supported")
+        # Wrapped layer: the inner layer's weights are the wrapper's, less bookkeeping
+        # (the inner layer's own list is empty once its kernel is replaced by u).
+        values = []
+        for w in layer.weights:
+            if id(w) in skip:
+                continue
+            q = quantizer_of.get(id(w))
+            values.append((w.name, w.numpy() if q is None else q.q_fn(w).numpy()))
+        out[layer.layer.name] = values
+    return out
+
+
+def copy_to_float(qmodel, float_model):
+    """Fills `float_model` (same architecture and layer names, not quantized)
+    with the weights of `qmodel`, every BR-quantized kernel replaced by its
+    exact Q(w): the deploy model. Returns `float_model`."""
+    src = _float_weights_by_layer(qmodel)
+    for layer in float_model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in src:
+            raise ValueError(f"copy_to_float: layer {layer.name!r} of the float model has no "
+                             "counterpart in the quantized model; build both from the same "
+                             "architecture (same layer names)")
+        values = src[layer.name]
+        want = [tuple(w.shape) for w in layer.weights]
+        got = [tuple(v.shape) for _, v in values]
+        if want != got:
+            raise ValueError(f"copy_to_float: layer {layer.name!r} weight shapes differ: float "
+                             f"model {want}, quantized model {got} "
+                             f"({[n for n, _ in values]})")
+        layer.set_weights([v for _, v in values])
+    return float_model
