@@ -21,6 +21,7 @@ setup(
         "cleverhans==4.0.0",
         "ai-edge-litert==2.3.0",
         "ml-collections",
+        "tensorboard==2.21.0",  # TF 2.21 no longer pulls it in; the TensorBoard callback needs it
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},

@@ -1,0 +1,182 @@
+"""Adversarial training: the train step, fit, checkpoints, resume, NaN, load."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from brkeras import errors
+from brkeras import losses
+from brkeras import training
+from brkeras import workdir as workdir_lib
+from brkeras._keras import keras, tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def smoke_config(arg="ternary,tradeoff", **fields):
+    c = smoke.get_config(arg)
+    for key, value in fields.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def _toy_data(n=512, seed=0):
+    """Dark (class 0) and bright (class 1) 8x8x1 images, separable with margin 0.3."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=n)
+    x = rng.uniform(0.2, 0.5, size=(n, 8, 8, 1)).astype(np.float32) + 0.3 * y[:, None, None, None]
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def _toy_net():
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(2)(h))
+
+
+@pytest.mark.parametrize("loss_name", ["tradeoff", "pgd", "trades", "natural"])
+def test_short_fit_lowers_the_loss(loss_name):
+    keras.utils.set_random_seed(1)
+    x, y = _toy_data()
+    trainer = training.AdversarialModel(_toy_net(), losses.get(loss_name), eps=0.05,
+                                        eps_iter=0.02, steps=3, weight_decay=5e-4)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    hist = trainer.fit(x, y, batch_size=64, epochs=6, verbose=0).history
+    assert hist["loss"][-1] < 0.7 * hist["loss"][0]
+    assert set(hist) == {"loss", "nat_acc", "adv_acc"}
+
+
+def test_attack_in_train_step_respects_box_and_lowers_accuracy():
+    keras.utils.set_random_seed(2)
+    x, y = _toy_data()
+    net = _toy_net()
+    trainer = training.AdversarialModel(net, losses.get("natural"), eps=0.2,
+                                        eps_iter=0.05, steps=10)
+    trainer.compile(optimizer=keras.optimizers.Adam(0.02))
+    trainer.fit(x, y, batch_size=64, epochs=15, verbose=0)
+    attacker = training.AdversarialModel(net, losses.get("pgd"), eps=0.2, eps_iter=0.05, steps=10)
+    x_adv = attacker.adversarial_examples(tf.constant(x), tf.constant(y), training=False).numpy()
+    assert np.max(np.abs(x_adv - x)) <= 0.2 + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    nat = np.mean(np.argmax(net(x).numpy(), 1) == y)
+    adv = np.mean(np.argmax(net(x_adv).numpy(), 1) == y)
+    assert nat > 0.9 and adv < nat - 0.2
+
+
+def test_weight_decay_is_l2_on_the_gradient():
+    """One SGD step without momentum: w <- w - lr * (g + wd * w)."""
+    net = _toy_net()
+    x, y = _toy_data(64)
+    w0 = [v.numpy() for v in net.trainable_variables]
+    trainer = training.AdversarialModel(net, losses.get("natural"), 0.0, 0.0, 0, weight_decay=0.1)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(losses.cross_entropy(y, net(x, training=True)))
+    grads = tape.gradient(loss, net.trainable_variables)
+    trainer.train_on_batch(x, y)
+    for w, g, v in zip(w0, grads, net.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), w - 0.5 * (g.numpy() + 0.1 * w), atol=1e-5)
+
+
+def test_train_writes_workdir_and_load_gives_exact_ternary(tmp_path):
+    wd = str(tmp_path / "run")
+    rows = training.train(smoke_config(), wd, verbose=0)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"loss", "nat_acc", "adv_acc", "lr", "br_lam", "br_exact"} <= set(rows[0])
+    # Binary-Relax schedule: phase I in epoch 1 (lam0), exact from epoch 2 (fraction 0.5).
+    assert rows[0]["br_lam"] == pytest.approx(1.0) and rows[0]["br_exact"] is False
+    assert rows[1]["br_lam"] == pytest.approx(1.05) and rows[1]["br_exact"] is True
+    assert workdir_lib.read_state(wd) == {"completed_epochs": 2, "finished": True}
+    assert json.load(open(os.path.join(wd, "config.json")))["quant"]["precision"] == "ternary"
+    net = training.load(wd)
+    from brkeras import quantize  # pylint: disable=import-outside-toplevel
+    kernels = quantize.quantized_kernels(net)
+    assert kernels, "no quantized layer"
+    assert all(len(np.unique(k)) == 3 for k in kernels.values())
+    # The loaded model is in phase II: its forward kernels u are exactly Q(w).
+    for wrapper, weight, quantizer, qvars in quantize.br_quantizers(net):
+        u = quantizer(weight, training=False, weights=qvars).numpy()
+        np.testing.assert_array_equal(u, kernels[wrapper.layer.name])
+    with pytest.raises(errors.WorkdirError, match="finished"):
+        training.train(smoke_config(), wd, verbose=0)
+
+
+def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path, monkeypatch):
+    wd = str(tmp_path / "run")
+    original = training.EpochLogger.on_epoch_end
+
+    def killed_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(smoke_config(), wd, verbose=0)
+    assert workdir_lib.read_state(wd) == {"completed_epochs": 1, "finished": False}
+    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", original)
+    rows = training.train(smoke_config(), wd, verbose=0)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(wd, "ckpt")))
+    iterations = [k for k in ckpt.get_variable_to_shape_map() if "optimizer/_iterations" in k]
+    assert iterations and ckpt.get_tensor(iterations[0]) == 2 * 4  # 2 epochs of 4 steps
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    wd = str(tmp_path / "run")
+    with pytest.raises(errors.NonFiniteLossError, match="last good checkpoint"):
+        training.train(smoke_config("float,natural", optim__lr=1e30), wd, verbose=0)
+    assert workdir_lib.read_state(wd)["finished"] is False
+    assert os.path.exists(os.path.join(wd, "config.json"))
+
+
+def test_load_round_trip_is_exact_without_noise(tmp_path):
+    wd = str(tmp_path / "run")
+    training.train(smoke_config("4bit,pgd", model__sigma=0.0), wd, verbose=0)
+    a, b = training.load(wd), training.load(wd)
+    x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_array_equal(a(x).numpy(), b(x).numpy())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    wd = str(tmp_path / "run")
+    training.train(smoke_config("float,natural", optim__epochs=1, quant__phase2_fraction=-1.0), wd,
+                   verbose=0)
+    for name in os.listdir(os.path.join(wd, "ckpt")):
+        if ".data-" in name:
+            with open(os.path.join(wd, "ckpt", name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(errors.WorkdirError, match="corrupt"):
+        training.load(wd)
+
+
+def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
+    """fit + custom train_step + Binary-Relax callback + checkpoint under MirroredStrategy."""
+    code = f"""
+import sys; sys.path.insert(0, {ROOT!r})
+from brkeras._keras import tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+from brkeras import training, quantize
+from configs import smoke
+c = smoke.get_config("ternary,tradeoff")
+c.strategy = "mirrored"
+rows = training.train(c, {str(tmp_path / 'run')!r}, verbose=0)
+net = training.load({str(tmp_path / 'run')!r})
+assert [r["epoch"] for r in rows] == [1, 2], rows
+assert rows[1]["br_exact"] is True
+assert all(len(set(k.ravel())) <= 3 for k in quantize.quantized_kernels(net).values())
+print("MIRRORED_OK", tf.distribute.MirroredStrategy().num_replicas_in_sync)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert "MIRRORED_OK 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
