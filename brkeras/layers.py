@@ -37,8 +37,10 @@ How n is drawn (`pool`):
   Every op of both paths is a TFLite builtin (pool > 1: RANDOM_STANDARD_NORMAL,
   RANDOM_UNIFORM, LESS, SELECT_V2, MUL, RESHAPE, STRIDED_SLICE; the layout
   arithmetic folds to constants at a fixed batch), so an exported model needs no
-  Flex ops. Float ResNet20 in LiteRT, batch 1, 1 thread: 0.40 ms without noise,
-  1.30 ms with pool = 1, 0.57 ms with pool = 8.
+  Flex ops. Float ResNet20 in LiteRT, batch 1, 1 thread (bench/deploy_latency.py):
+  0.41 ms without noise; with this layer as is 1.29 ms (pool = 1) and 0.87 ms
+  (pool = 8); 0.58 ms (pool = 8) in the deploy form below (NoiseBank), which
+  brkeras.export uses.
 """
 
 from brkeras._keras import keras, tf
@@ -127,3 +129,101 @@ class FeynmanKacNoise(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "sigma": self.sigma, "pool": self.pool}
+
+
+# ---------------------------------------------------------------------------
+# Deploy-time form (batch fixed, used by brkeras.export; never trained).
+#
+# In LiteRT the random ops (RANDOM_STANDARD_NORMAL ~10 ns per element, RANDOM_UNIFORM
+# ~3 ns, scalar kernels) are not delegated to XNNPACK, so a random op inside every
+# noise layer cuts the delegated graph into one partition per block. The deploy form
+# draws ALL the noise of the model with one normal and one uniform op at the start of
+# the graph and hands each noise layer its slice. For a fixed batch B each layer gets
+# exactly what FeynmanKacNoise(sigma, pool) draws for that batch: the same layout
+# (Q, R) = pool_layout(B * N_l, pool), a fresh pool z ~ N(0, 1)^[Q, R] and fresh sign
+# vectors r ~ {+-1}^[pool, Q], t ~ {+-1}^[pool, R], independent of everything else
+# (disjoint slices of one i.i.d. draw are independent). So the joint distribution of
+# the noise, within and across layers, is the training-time layer's at batch B, not
+# only its per-element distribution.
+
+
+def pool_layout_static(n, pool):
+    """Python ints (Q, R) of `pool_layout(n, pool)` (the same tf arithmetic, evaluated)."""
+    _check(0.0, pool)
+    if pool == 1:
+        return int(n), 1
+    with tf.init_scope():  # eager even inside a graph being traced
+        q, r = pool_layout(tf.constant(int(n), tf.int32), int(pool))
+        return int(q), int(r)
+
+
+def bank_noise(sizes, pool):
+    """Noise for layers of `sizes` elements (flat tensors), from one normal and one uniform draw.
+
+    pool = 1: one z ~ N(0, 1)^[sum N_l], slice l is n_l.
+    pool = k > 1: per layer (Q_l, R_l) = pool_layout(N_l, k); one
+    z ~ N(0, 1)^[sum Q_l R_l] and one u ~ U[0, 1)^[sum k (Q_l + R_l)], signs
+    s = where(u < 0.5, 1, -1); layer l takes its slices z_l [1, Q, R], r_l [k, Q, 1],
+    t_l [k, 1, R] and n_l = flatten(z_l * r_l * t_l)[:N_l], as scaled_noise does.
+    Returns a list of float32 tensors of shapes [N_l].
+    """
+    sizes = [int(s) for s in sizes]
+    _check(0.0, pool)
+    if pool == 1:
+        return list(tf.split(tf.random.normal([sum(sizes)]), sizes))
+    lay = [pool_layout_static(n, pool) for n in sizes]
+    z = tf.split(tf.random.normal([sum(q * r for q, r in lay)]), [q * r for q, r in lay])
+    s = random_signs([sum(pool * (q + r) for q, r in lay)])
+    s = tf.split(s, [d for q, r in lay for d in (pool * q, pool * r)])
+    out = []
+    for i, (n, (q, r)) in enumerate(zip(sizes, lay)):
+        noise = (tf.reshape(z[i], [1, q, r]) * tf.reshape(s[2 * i], [pool, q, 1])
+                 * tf.reshape(s[2 * i + 1], [pool, 1, r]))
+        out.append(tf.reshape(noise, [-1])[:n])
+    return out
+
+
+class NoiseBank(keras.layers.Layer):
+    """Deploy-time: draws the noise of every noise layer at once (see `bank_noise`).
+
+    Args:
+        sizes: elements of each noise layer's tensor at the deploy batch size.
+        pool: the pool of the FeynmanKacNoise layers it stands in for.
+    The input only anchors the layer in the graph; outputs are the flat noises n_l.
+    """
+
+    def __init__(self, sizes, pool=8, **kwargs):
+        super().__init__(**kwargs)
+        _check(0.0, pool)
+        self.sizes = [int(s) for s in sizes]
+        self.pool = int(pool)
+
+    def call(self, inputs):
+        del inputs
+        return bank_noise(self.sizes, self.pool)
+
+    def get_config(self):
+        return {**super().get_config(), "sizes": self.sizes, "pool": self.pool}
+
+
+class AddScaledNoise(keras.layers.Layer):
+    """Deploy-time FeynmanKacNoise: [x, n] -> x + sigma * std(x) * reshape(n, shape(x)).
+
+    n is this layer's slice of a NoiseBank; std over all axes of x, as in training.
+    """
+
+    def __init__(self, sigma=0.1, **kwargs):
+        super().__init__(**kwargs)
+        _check(sigma, 1)
+        self.sigma = float(sigma)
+
+    def call(self, inputs):
+        x, n = inputs
+        shape = x.shape if x.shape.is_fully_defined() else tf.shape(x)
+        return x + self.sigma * tf.math.reduce_std(x) * tf.reshape(n, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma}

@@ -1,0 +1,292 @@
+"""Host benchmark schema, benchmark_model log parsing, Android script prerequisites."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from brkeras._keras import keras
+from brkeras import benchmark, export
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "deploy", "android", "run_benchmark.sh")
+
+LOG = """\
+STARTING!
+Log parameter values verbosely: [0]
+Num threads: [2]
+Graph: [/data/local/tmp/brkeras/det_full_int8.tflite]
+Use xnnpack: [1]
+Loaded model /data/local/tmp/brkeras/det_full_int8.tflite
+INFO: Created TensorFlow Lite XNNPACK delegate for CPU.
+The input model file size (MB): 0.31
+Initialized session in 12.5ms.
+Running benchmark for at least 1 iterations and at least 0.5 seconds but terminate if exceeding 150 seconds.
+count=180 first=4100 curr=2700 min=2600 max=4100 avg=2790.5 std=120
+
+Running benchmark for at least 50 iterations and at least 1 seconds but terminate if exceeding 150 seconds.
+count=372 first=2750 curr=2690 min=2580 max=3300 avg=2688.25 std=85
+
+Inference timings in us: Init: 12500, First inference: 4100, Warmup (avg): 2790.5, Inference (avg): 2688.25
+"""
+
+
+def test_parse_benchmark_model_output():
+    r = benchmark.parse_benchmark_model_output(LOG, size_bytes=1234)
+    assert r["file"] == "det_full_int8.tflite"
+    assert r["threads"] == 2
+    assert r["runs"] == 372  # the timed block, not the warm-up block
+    assert r["median_ms"] == pytest.approx(2.68825)
+    assert r["median_is"] == "avg"
+    assert r["p90_ms"] is None
+    assert r["min_ms"] == pytest.approx(2.58) and r["max_ms"] == pytest.approx(3.3)
+    assert r["init_ms"] == pytest.approx(12.5) and r["first_ms"] == pytest.approx(4.1)
+    assert r["size_bytes"] == 1234
+    with_median = LOG.replace("std=85", "std=85 p5=2600 median=2650 p95=2900")
+    r2 = benchmark.parse_benchmark_model_output(with_median)
+    assert r2["median_ms"] == pytest.approx(2.65) and r2["median_is"] == "median"
+    assert r2["p95_ms"] == pytest.approx(2.9)
+    profiled = LOG + "Timings (microseconds): count=50 first=1 curr=1 min=1 max=1 avg=1 std=0\n"
+    assert benchmark.parse_benchmark_model_output(profiled)["runs"] == 372
+    with pytest.raises(ValueError, match="count="):
+        benchmark.parse_benchmark_model_output("ERROR: Could not open model\n")
+
+
+def test_parse_cli_appends_bench_json(tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text(LOG)
+    out = tmp_path / "bench.json"
+    for _ in range(2):
+        benchmark._main(["parse", str(out), str(log), "999", "use_gpu=false", "host.abi=arm64-v8a"])
+    b = json.loads(out.read_text())
+    assert b["host"] == {"kind": "android", "abi": "arm64-v8a"}
+    assert len(b["results"]) == 2
+    assert set(benchmark.RESULT_KEYS) <= set(b["results"][0])
+    assert b["results"][0]["use_gpu"] == "false" and b["results"][0]["size_bytes"] == 999
+
+
+def test_summarize_percentiles():
+    s = benchmark.summarize(list(range(1, 101)))
+    assert s["median_ms"] == 50.5 and s["p90_ms"] == pytest.approx(90.1) and s["runs"] == 100
+
+
+def _tiny_tflite(path):
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="m0_conv0")(inp)
+    out = keras.layers.Dense(3, name="m0_logits")(keras.layers.GlobalAveragePooling2D()(x))
+    b = export.convert(keras.Model(inp, out), "float32")
+    path.write_bytes(b)
+    return len(b)
+
+
+def test_bench_json_schema(tmp_path):
+    (tmp_path / "export").mkdir()
+    size = _tiny_tflite(tmp_path / "export" / "det_float32.tflite")
+    b = benchmark.benchmark(str(tmp_path), threads=(1, 2), runs=15, warmup=2)
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk["results"] == b["results"]
+    assert on_disk["host"]["cpu_count"] == os.cpu_count()
+    assert [(r["file"], r["threads"], r["runs"], r["size_bytes"]) for r in b["results"]] == \
+        [("det_float32.tflite", 1, 15, size), ("det_float32.tflite", 2, 15, size)]
+    for r in b["results"]:
+        assert set(benchmark.RESULT_KEYS) <= set(r)
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] < 1000
+    table = benchmark.markdown_table(b).splitlines()
+    assert len(table) == 4 and table[2].startswith("| det_float32.tflite | 1 |")
+    with pytest.raises(ValueError, match="threads"):
+        benchmark.benchmark_files([str(tmp_path / "export" / "det_float32.tflite")], threads=(0,))
+    with pytest.raises(FileNotFoundError, match="brkeras export"):
+        benchmark.benchmark(str(tmp_path / "nothing"), threads=(1,), runs=1)
+
+
+# ---- deploy/android/run_benchmark.sh prerequisites ----
+
+def _arm64_elf(path):
+    """A file whose ELF header says 64-bit aarch64 (enough for the script's check)."""
+    h = bytearray(64)
+    h[0:4] = b"\x7fELF"
+    h[4] = 2
+    h[18:20] = b"\xb7\x00"
+    path.write_bytes(bytes(h))
+    return path
+
+
+def _run(args, path_dirs):
+    env = {"PATH": os.pathsep.join(path_dirs), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(["/bin/bash", SCRIPT] + args, capture_output=True, text=True,
+                          env=env, timeout=30)
+
+
+def _fake_adb(d, devices_output):
+    d.mkdir()
+    adb = d / "adb"
+    adb.write_text("#!/bin/sh\nif [ \"$1\" = devices ]; then printf '%b' \"" + devices_output +
+                   "\"; exit 0; fi\necho \"fake adb: $*\" >&2; exit 1\n")
+    adb.chmod(0o755)
+    return str(d)
+
+
+def test_android_script_without_adb(tmp_path):
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"x")
+    r = _run(["--binary", str(_arm64_elf(tmp_path / "bm")), str(model)], ["/usr/bin", "/bin"])
+    assert r.returncode == 3, r.stderr
+    assert "adb is not on PATH" in r.stderr and "platform-tools" in r.stderr
+    assert "1 prerequisite(s) missing" in r.stderr
+
+
+def test_android_script_no_device_and_other_problems(tmp_path):
+    fake = _fake_adb(tmp_path / "bin", "List of devices attached\\n\\n")
+    r = _run(["--binary", "/bin/ls", str(tmp_path / "missing.tflite")], [fake, "/usr/bin", "/bin"])
+    assert r.returncode == 4, r.stderr
+    assert "no Android device attached" in r.stderr and "USB debugging" in r.stderr
+    assert "not an arm64 (aarch64) ELF" in r.stderr  # /bin/ls is x86-64 (or not aarch64)
+    assert "missing.tflite' does not exist" in r.stderr
+    assert "3 prerequisite(s) missing" in r.stderr
+
+
+def test_android_script_unauthorized_and_missing_binary(tmp_path):
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"x")
+    fake = _fake_adb(tmp_path / "bin", "List of devices attached\\nABC123\\tunauthorized\\n\\n")
+    r = _run([str(model)], [fake, "/usr/bin", "/bin"])
+    assert r.returncode == 4
+    assert "unauthorized" in r.stderr
+    assert "no benchmark_model binary given" in r.stderr
+    r = _run(["--binary", str(tmp_path / "nope"), str(model)], [fake, "/usr/bin", "/bin"])
+    assert "'" + str(tmp_path / "nope") + "' does not exist" in r.stderr
+
+
+def test_android_script_device_ok_runs_past_checks(tmp_path):
+    # With a device and valid inputs the checks pass and the script reaches adb shell
+    # (which the fake adb fails): exit code is not a prerequisite code.
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"x")
+    fake = _fake_adb(tmp_path / "bin", "List of devices attached\\nABC123\\tdevice\\n\\n")
+    r = _run(["--binary", str(_arm64_elf(tmp_path / "bm")), str(model)],
+             [fake, "/usr/bin", "/bin"])
+    assert "MISSING" not in r.stderr
+    assert r.returncode not in (2, 3, 4, 5, 6, 7)
+    assert "fake adb: shell getprop" in r.stderr
+
+
+def test_android_script_usage_error():
+    r = _run(["--bogus"], ["/usr/bin", "/bin"])
+    assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+
+
+
+
+# ---- end to end on a smoke-trained work dir: export.json, bench.json, atomic export ----
+
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from brkeras import errors, quantize, training  # noqa: E402
+
+sys.path.insert(0, REPO)
+from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
+
+FILE_KEYS = {"file", "format", "size_bytes", "noise", "pruned", "weights", "batch", "random_ops",
+             "storage", "parity", "sparsity", "quantization"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("smoke_ternary"))
+    training.train(smoke.get_config("ternary,tradeoff"), wd, verbose=0)
+    result = export.export(wd)
+    return wd, result
+
+
+def test_export_json_schema_and_exact_levels(exported):
+    wd, result = exported
+    on_disk = json.loads(open(os.path.join(wd, "export.json")).read())
+    assert on_disk["min_agreement"] == 0.9  # configs/smoke.py's config.export.min_agreement
+    names = sorted(e["file"] for e in on_disk["files"])
+    pruned = [n for n in names if "pruned" in n]
+    base = sorted(f"{v}_{f}.tflite" for v in ("det", "noisy")
+                  for f in ("float32", "dynamic_int8", "full_int8"))
+    assert sorted(set(names) - set(pruned)) == base
+    assert sorted(os.listdir(os.path.join(wd, "export"))) == names
+    assert not [d for d in os.listdir(wd) if d.startswith(export.TMP_PREFIX)]
+    qnames = sorted(quantize.quantized_kernels(training.load(wd)))
+    assert len(qnames) == 7  # depth 8: conv0 + 3 blocks x (conv1, conv2)
+    for e in on_disk["files"]:
+        assert FILE_KEYS <= set(e), e["file"]
+        assert e["quantization"] == {"precision": "ternary", "max_level": 1}
+        assert sorted(e["weights"]) == qnames
+        b = open(os.path.join(wd, "export", e["file"]), "rb").read()
+        assert len(b) == e["size_bytes"]
+        wq = export.weights_by_layer(b, qnames)
+        for name in qnames:
+            r = e["weights"][name]
+            assert r["exact"], (e["file"], name, r)
+            assert r["max_rel_err_vs_float_filter"] <= 1e-5
+            if wq[name]["dtype"] == "INT8":  # ternary: int8 in {-127, 0, 127}, nothing else
+                assert set(np.unique(wq[name]["data"]).tolist()) <= {-127, 0, 127}
+                assert r["levels_per_channel_max"] <= 3
+        if e["format"] == "full_int8":
+            # 7 3x3 convs, 2 1x1 shortcuts (stages 2, 3), the dense layer: all int8
+            assert e["storage"] == {"INT8": {"tensors": 10, "elements": e["storage"]["INT8"]["elements"]}}
+        if e["noise"]:
+            assert e["batch"] == 1  # deploy form: fixed batch, one NoiseBank
+            assert sorted(o[0] for o in e["random_ops"]) == ["RANDOM_STANDARD_NORMAL",
+                                                            "RANDOM_UNIFORM"]
+            assert all(o[1:] == [0, 0] for o in e["random_ops"])
+            p = e["parity"]
+            assert p["runs"] == 3 and p["examples"] == 64 and p["abs_diff"] <= p["tolerance"]
+        else:
+            assert e["random_ops"] == []
+            p = e["parity"]
+            assert p["examples"] == 64 and p["top1_agreement"] >= 0.9
+            assert abs(p["acc_tflite"] - p["acc_keras"]) <= 1 - p["top1_agreement"] + 1e-12
+            if e["format"] == "float32":
+                assert p["max_abs_logit_diff"] < 1e-4
+
+
+def test_bench_json_end_to_end(exported):
+    wd, result = exported
+    b = benchmark.benchmark(wd)  # config.bench of configs/smoke.py: threads (1,), 5 runs
+    on_disk = json.loads(open(os.path.join(wd, "bench.json")).read())
+    assert on_disk["results"] == b["results"]
+    sizes = {e["file"]: e["size_bytes"] for e in result["files"]}
+    assert sorted(r["file"] for r in b["results"]) == sorted(sizes)
+    for r in b["results"]:
+        assert set(benchmark.RESULT_KEYS) <= set(r)
+        assert (r["threads"], r["runs"], r["size_bytes"]) == (1, 5, sizes[r["file"]])
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] < 1000
+
+
+def test_failed_parity_leaves_previous_export(exported, monkeypatch):
+    wd, _ = exported
+    before = {f: open(os.path.join(wd, "export", f), "rb").read()
+              for f in os.listdir(os.path.join(wd, "export"))}
+    json_before = open(os.path.join(wd, "export.json")).read()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise export.ParityError("forced parity failure")
+
+    monkeypatch.setattr(export, "parity_deterministic", failing)
+    monkeypatch.setattr(export, "parity_stochastic", failing)  # fail on the first file
+    with pytest.raises(export.ParityError, match="forced") as e:
+        export.export(wd)
+    assert isinstance(e.value, errors.BrkerasError) and calls == [1]
+    after = {f: open(os.path.join(wd, "export", f), "rb").read()
+             for f in os.listdir(os.path.join(wd, "export"))}
+    assert after == before and open(os.path.join(wd, "export.json")).read() == json_before
+    assert not [d for d in os.listdir(wd) if d.startswith(export.TMP_PREFIX)]
+    # Without a previous export, a failure leaves neither export/ nor export.json.
+    fresh = os.path.join(os.path.dirname(wd), "fresh_copy")
+    os.makedirs(fresh)
+    for f in ("config.json", "state.json"):
+        open(os.path.join(fresh, f), "w").write(open(os.path.join(wd, f)).read())
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.copytree(os.path.join(wd, "ckpt"), os.path.join(fresh, "ckpt"))
+    with pytest.raises(export.ParityError):
+        export.export(fresh)
+    assert sorted(os.listdir(fresh)) == ["ckpt", "config.json", "state.json"]
