@@ -14,7 +14,9 @@ resumes an interrupted work dir from its last completed epoch, and stops on a
 NaN or Inf loss keeping the last good checkpoint.
 """
 
+import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -118,10 +120,42 @@ class AdversarialModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-def build_network(config, input_shape, num_classes):
-    """The EnResNet of `config`, quantized as config.quant says (not compiled)."""
+def build_network(config, input_shape, num_classes, init_weights=None):
+    """The EnResNet of `config`, quantized as config.quant says (not compiled).
+
+    init_weights: the weights of a trained float EnResNet of the same architecture
+    (see `initial_weights`), set before quantization so the quantized model starts
+    from them, the usual way to quantize a trained network.
+    """
     net = models.from_config(config, input_shape, num_classes)
+    if init_weights is not None:
+        net.set_weights(init_weights)
     return quantize.quantize_model(net, config.quant)
+
+
+def initial_weights(config):
+    """The float weights of the finished run `config.init_from`, or None if unset.
+
+    That run must be a float model with the same architecture and data set.
+    """
+    source = config.get("init_from", "")
+    if not source:
+        return None
+    src = workdir_lib.load_config(source)
+    if not workdir_lib.read_state(source)["finished"]:
+        raise workdir_lib.WorkdirError(f"config.init_from={source} is not a finished run; "
+                                       "train it first")
+    if src.quant.precision != "float":
+        raise ValueError(f"config.init_from={source} is a {src.quant.precision} model; "
+                         "start from a float model")
+    for field in ("depth", "width", "ensemble"):
+        if src.model[field] != config.model[field]:
+            raise ValueError(f"config.init_from={source} has model.{field}="
+                             f"{src.model[field]}, this run {config.model[field]}; they must match")
+    if src.data.name != config.data.name:
+        raise ValueError(f"config.init_from={source} was trained on {src.data.name}, "
+                         f"this run uses {config.data.name}")
+    return load(source).get_weights()
 
 
 def make_optimizer(config, steps_per_epoch):
@@ -134,6 +168,13 @@ def make_optimizer(config, steps_per_epoch):
 
 
 def make_strategy(name):
+    """The tf.distribute strategy of `config.strategy`.
+
+    "default": one device; "mirrored": MirroredStrategy over this machine's
+    devices (GPUs, or logical CPU devices); "multi_worker":
+    MultiWorkerMirroredStrategy from TF_CONFIG. That one configures collective
+    ops, so it must exist before any other TensorFlow op of the process runs.
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -142,22 +183,97 @@ def make_strategy(name):
         if "TF_CONFIG" not in os.environ:
             raise ValueError("config.strategy='multi_worker' needs the TF_CONFIG environment "
                              "variable (cluster and task); see docs/multi_worker.md")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{e}: config.strategy='multi_worker' must be set up before any other "
+                "TensorFlow op of the process runs; call training.train in a fresh process "
+                "(e.g. `brkeras train`), not after other TensorFlow work") from e
     raise ValueError(f"config.strategy={name!r}; choose one of {config_lib.STRATEGIES}")
 
 
-def is_chief():
-    """True unless this process is a non-chief worker of a multi-worker run."""
+def _task():
+    """(type, index, cluster) of TF_CONFIG; ("worker", 0, {}) without it."""
     tf_config = os.environ.get("TF_CONFIG")
     if not tf_config:
-        return True
-    import json  # pylint: disable=g-import-not-at-top
-    task = json.loads(tf_config).get("task", {})
-    kind, index = task.get("type", "worker"), task.get("index", 0)
-    cluster = json.loads(tf_config).get("cluster", {})
+        return "worker", 0, {}
+    try:
+        parsed = json.loads(tf_config)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e}); see docs/multi_worker.md") from e
+    task = parsed.get("task", {})
+    return task.get("type", "worker"), int(task.get("index", 0)), parsed.get("cluster", {})
+
+
+def is_chief():
+    """True unless this process is a non-chief worker of a multi-worker run.
+
+    The chief is task "chief" if the cluster has one, else worker 0 (as in
+    MultiWorkerMirroredStrategy).
+    """
+    kind, index, cluster = _task()
     if "chief" in cluster:
         return kind == "chief"
     return kind == "worker" and index == 0
+
+
+def worker_scratch_dir(workdir):
+    """Where a non-chief worker writes its checkpoints: <workdir>/workertemp_<index>.
+
+    Every worker must save (saving reads synchronised variables, a collective
+    op), but only the chief's files are the run's (tf.distribute convention). The
+    name is stable across restarts, so a worker without a shared file system can
+    resume from its own copy; `train` removes it when the run finishes.
+    """
+    kind, index, _ = _task()
+    return os.path.join(workdir, f"{kind}temp_{index}")
+
+
+def _check_workers_ready(strategy, error):
+    """Raises `error`, and on every other worker too, if a worker failed to set up.
+
+    Without this the healthy workers would wait forever in the first collective op.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if error is not None:
+            raise error
+        return
+    flag = 0 if error is not None else 1
+    ready = strategy.gather(strategy.run(lambda: tf.constant([flag], tf.int64)), axis=0).numpy()
+    if error is not None:
+        raise error
+    if not ready.all():
+        raise workdir_lib.WorkdirError(
+            "another worker could not prepare its work dir (see its log, e.g. a finished run "
+            "needs --overwrite on every worker); stopped")
+
+
+def _agree_on_epoch(strategy, manager, ckpt, epoch_var):
+    """The epoch every worker resumes after: the smallest one the workers restored.
+
+    Each worker restores from the checkpoint dir it sees, and a kill during
+    saving can leave one worker a checkpoint ahead; that one then restores
+    `ckpt-<min epoch>` (CheckpointManager keeps two). One process: no-op.
+    """
+    mine = int(epoch_var.numpy())
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return mine
+    local = strategy.run(lambda: tf.constant([mine], tf.int64))
+    epochs = [int(e) for e in strategy.gather(local, axis=0).numpy()]  # all workers call it
+    target = min(epochs)
+    if target == mine:
+        return mine
+    path = os.path.join(manager.directory, f"ckpt-{target}")
+    if target == 0 or path not in manager.checkpoints:
+        raise workdir_lib.WorkdirError(
+            f"the workers restored different epochs {epochs} and this one has no checkpoint "
+            f"of epoch {target} in {manager.directory}. Give every worker the work dir it "
+            "used before (one shared dir, or the same per-machine dirs), or start over in "
+            "a new work dir.")
+    ckpt.restore(path).assert_existing_objects_matched()
+    logging.info("workers restored epochs %s; all resume after epoch %d", epochs, target)
+    return target
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -207,6 +323,23 @@ class EpochLogger(keras.callbacks.Callback):
             workdir_lib.write_state(self.workdir, epoch + 1, finished=False)
 
 
+def train_dataset(config):
+    """The training pipeline of `config`: global batches of config.optim.batch_size.
+
+    The pipeline gathers batches by index (Dataset.range), so there are no files
+    to shard. DATA sharding: every worker builds the same seeded global batches
+    and keeps its own slice of each (under a multi-worker strategy).
+    """
+    ds = data.load(config.data.name, "train", batch_size=config.optim.batch_size,
+                   augment=config.data.augment, shuffle=True,
+                   max_examples=config.data.max_train_examples,
+                   data_dir=config.data.data_dir, seed=config.seed,
+                   repeat=bool(config.optim.steps_per_epoch))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
 def _checkpoint(net, optimizer, epoch_var):
     return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var)
 
@@ -214,42 +347,53 @@ def _checkpoint(net, optimizer, epoch_var):
 def train(config, workdir, overwrite=False, verbose=1):
     """Trains `config` into `workdir`; resumes an unfinished run there. Returns the history rows."""
     config_lib.validate(config)
-    chief = is_chief()
-    mode = workdir_lib.prepare_for_training(workdir, config, overwrite=overwrite) if chief else "worker"
-    keras.utils.set_random_seed(config.seed)
+    # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
     strategy = make_strategy(config.strategy)
+    chief = is_chief()
+    write_dir = workdir if chief else worker_scratch_dir(workdir)
+    error, mode = None, "worker"
+    try:
+        if chief:
+            mode = workdir_lib.prepare_for_training(workdir, config, overwrite=overwrite)
+        elif overwrite and os.path.isdir(write_dir):
+            shutil.rmtree(write_dir)
+    except (workdir_lib.WorkdirError, OSError) as e:
+        error = e
+    _check_workers_ready(strategy, error)
+    keras.utils.set_random_seed(config.seed)
 
     info = data.info(config.data.name)
-    train_ds = data.load(config.data.name, "train", batch_size=config.optim.batch_size,
-                         augment=config.data.augment, shuffle=True,
-                         max_examples=config.data.max_train_examples,
-                         data_dir=config.data.data_dir, seed=config.seed,
-                         repeat=bool(config.optim.steps_per_epoch))
+    init_weights = initial_weights(config)
+    train_ds = train_dataset(config)
     n_train = len(data.load_arrays(config.data.name, "train", config.data.max_train_examples,
                                    config.data.data_dir)[1])
     steps = int(config.optim.steps_per_epoch) or int(np.ceil(n_train / config.optim.batch_size))
 
     with strategy.scope():
-        net = build_network(config, info.image_shape, info.num_classes)
+        net = build_network(config, info.image_shape, info.num_classes, init_weights)
         optimizer = make_optimizer(config, steps)
         trainer = AdversarialModel(
             net, losses.get(config.loss.name, config.loss.a, config.loss.beta),
             eps=config.adv.eps, eps_iter=config.adv.eps_iter, steps=config.adv.steps,
             rand_init=config.adv.rand_init, weight_decay=config.optim.weight_decay)
         trainer.compile(optimizer=optimizer)
+        # Step logs (progress bar, NaN check) hold each replica's own metric means;
+        # Keras' default "sum" would add them up. Epoch logs are global either way.
+        trainer.distribute_reduction_method = "first"
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
         ckpt = _checkpoint(net, optimizer, epoch_var)
-    ckpt_dir = os.path.join(workdir, workdir_lib.CKPT)
-    if not chief:  # non-chief workers write to a scratch dir (tf.distribute convention)
-        ckpt_dir = os.path.join(workdir, "workers", str(os.getpid()), workdir_lib.CKPT)
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=2)
-
-    initial_epoch = 0
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint)
-        initial_epoch = int(epoch_var.numpy())
-        if chief:
-            workdir_lib.truncate_metrics(workdir, initial_epoch)
+    # Each worker restores from the dir it writes (chief: the run's ckpt/); a worker
+    # without one reads the chief's if it can see it (a shared work dir).
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(write_dir, workdir_lib.CKPT),
+                                         max_to_keep=2)
+    latest = manager.latest_checkpoint or (
+        None if chief else tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT)))
+    if latest:
+        ckpt.restore(latest)
+    initial_epoch = _agree_on_epoch(strategy, manager, ckpt, epoch_var)
+    if chief:  # drop metric lines past the checkpoint (a kill between the two)
+        workdir_lib.truncate_metrics(workdir, initial_epoch)
+    if initial_epoch:
         logging.info("resuming %s from epoch %d", workdir, initial_epoch)
         if verbose:
             print(f"[train] resuming {workdir} after epoch {initial_epoch}", flush=True)
@@ -258,7 +402,7 @@ def train(config, workdir, overwrite=False, verbose=1):
 
     callbacks = [EpochLogger(workdir, manager, epoch_var, net, write=chief)]
     if quantize.br_quantizers(net):
-        callbacks.insert(0, quantize.schedule_for(config))
+        callbacks.insert(0, quantize.schedule_for(config, steps))
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, workdir_lib.TB),
                                                      write_graph=False, profile_batch=0))
@@ -268,7 +412,9 @@ def train(config, workdir, overwrite=False, verbose=1):
                     callbacks=callbacks, verbose=verbose)
     if chief:
         workdir_lib.write_state(workdir, config.optim.epochs, finished=True)
-    return workdir_lib.read_metrics(workdir) if chief else []
+        return workdir_lib.read_metrics(workdir)
+    shutil.rmtree(write_dir, ignore_errors=True)  # the worker's scratch copy is done
+    return []
 
 
 def load(workdir):
