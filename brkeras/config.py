@@ -39,6 +39,7 @@ def base_config():
     c.quant.layers = ("conv3x3",)  # layer kinds to quantize (quantize.LAYER_KINDS)
     c.quant.lam0 = 1.0
     c.quant.rho = 1.05  # lam *= rho once per epoch (paper's code; 1.04 in the BR demo)
+    c.quant.lam_per_step = False  # True: the same curve lam0*rho^(epoch+step/steps), per step
     c.quant.phase2_epoch = 120  # exact Q(w) from this epoch on (paper's code)
     c.quant.phase2_fraction = -1.0  # if >= 0, overrides phase2_epoch as a fraction of epochs
 
@@ -93,12 +94,24 @@ def base_config():
     c.bench.runs = 200
 
     c.strategy = "default"  # one of STRATEGIES
+    # A finished float run (work dir) whose weights initialise this one before
+    # quantization; "" = random initialisation.
+    c.init_from = ""
 
     # `brkeras pipeline`: one work dir per model, each an ARG of apply_arg.
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.models = ("float,tradeoff", "ternary,tradeoff", "4bit,tradeoff",
                          "ternary,pgd", "int8_qat,tradeoff")
     c.pipeline.stages = ("train", "evaluate", "export", "benchmark")
+    # Start every other model from this one's weights ("" = all from scratch),
+    # with this shorter schedule.
+    c.pipeline.finetune = ml_collections.ConfigDict()
+    c.pipeline.finetune.from_model = ""
+    c.pipeline.finetune.epochs = 3
+    c.pipeline.finetune.lr = 0.05
+    c.pipeline.finetune.milestones = (2,)
+    c.pipeline.finetune.max_train_examples = 20_000
+    c.pipeline.finetune.phase2_fraction = 0.34
     return c
 
 

@@ -324,31 +324,47 @@ def br_lambda(epoch, lam0, rho):
 class BinaryRelaxSchedule(keras.callbacks.Callback):
     """Sets lam = lam0 * rho**epoch and phase II from `phase2_epoch` on.
 
-    A pure function of the epoch, so resuming at any epoch is correct.
+    With `steps_per_epoch` > 0, lam also grows within the epoch,
+    lam = lam0 * rho**(epoch + step / steps_per_epoch): the same curve, sampled
+    every step instead of once per epoch (the reference). Short runs with few
+    phase-I epochs need it, or lam jumps by a large factor rho at each epoch.
+    A pure function of (epoch, step), so resuming at any epoch is correct.
     """
 
-    def __init__(self, lam0=1.0, rho=1.05, phase2_epoch=120):
+    def __init__(self, lam0=1.0, rho=1.05, phase2_epoch=120, steps_per_epoch=0):
         super().__init__()
-        if lam0 < 0 or rho < 1:
-            raise ValueError(f"BinaryRelaxSchedule(lam0={lam0}, rho={rho}): need lam0 >= 0 "
-                             "and rho >= 1")
+        if lam0 < 0 or rho < 1 or steps_per_epoch < 0:
+            raise ValueError(f"BinaryRelaxSchedule(lam0={lam0}, rho={rho}, steps_per_epoch="
+                             f"{steps_per_epoch}): need lam0 >= 0, rho >= 1, steps >= 0")
         self.lam0, self.rho, self.phase2_epoch = float(lam0), float(rho), int(phase2_epoch)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self._epoch = 0
 
-    def state(self, epoch):
-        """(lam, exact) at `epoch`."""
-        return br_lambda(epoch, self.lam0, self.rho), epoch >= self.phase2_epoch
+    def state(self, epoch, step=0):
+        """(lam, exact) at `step` of `epoch`."""
+        t = epoch + (step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
+        return float(self.lam0 * self.rho ** t), epoch >= self.phase2_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
         lam, exact = self.state(epoch)
         set_br_state(self.model, lam=lam, exact=exact)
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.steps_per_epoch and batch and self._epoch < self.phase2_epoch:
+            set_br_state(self.model, lam=self.state(self._epoch, batch)[0])
 
-def schedule_for(c):
+
+def schedule_for(c, steps_per_epoch=0):
     """The BinaryRelaxSchedule of a full experiment config (config.base_config()),
-    with phase II at `config.phase2_epoch(c)` (fraction form included)."""
+    with phase II at `config.phase2_epoch(c)` (fraction form included); lam grows
+    every step when c.quant.lam_per_step (then `steps_per_epoch` is needed)."""
+    if not c.quant.get("lam_per_step", False):
+        steps_per_epoch = 0
     from brkeras import config as config_lib  # pylint: disable=g-import-not-at-top
 
-    return BinaryRelaxSchedule(c.quant.lam0, c.quant.rho, config_lib.phase2_epoch(c))
+    return BinaryRelaxSchedule(c.quant.lam0, c.quant.rho, config_lib.phase2_epoch(c),
+                               steps_per_epoch)
 
 
 # ---- Deploy weights -------------------------------------------------------------
