@@ -19,7 +19,16 @@ near chance at the largest eps; more steps and restarts never raise accuracy;
 EOT never raises accuracy. Comparisons allow the sampling noise of the model's
 randomness (two binomial standard errors; zero for a deterministic model).
 
-Writes eval.json, report.md and plots/*.png into the work dir.
+Writes eval.json, report.md and plots/*.png into the work dir. eval.json:
+  n_examples, eps, noise {sigma, draws, stochastic}, training {completed_epochs,
+  finished}, natural_acc {single, expected};
+  attacks {name: {settings, plain, eot}} for config.eval.attacks, plus
+  cw_rescaled after cw; plain/eot = {single, expected[, mean_linf, mean_l2]} or
+  None (eot is None for attacks not in eot_attacks and for a deterministic model);
+  eps_sweep {eps, n_examples, attacks {fgsm, pgd20: {single: [...], expected: [...]}}};
+  more_effort {pgd20, steps_x2, restarts_x2, n_examples}; sanity [{check, held,
+  detail}]; sparsity (brkeras.sparsity.report of the exact quantized kernels, or
+  of the 3x3 conv kernels of a float model); time_s.
 """
 
 import math
@@ -106,29 +115,74 @@ def _adversarial(model, name, settings, x, y, eot, progress=None):
 
 
 def model_kernels(net):
-    """The exact quantized kernels; for a float model, its 3x3 conv kernels."""
+    """The exact quantized kernels Q(w) of a Binary-Relax model; for any other model
+    (float, int8 QAT) the float kernels of its 3x3 convs, unwrapping tfmot wrappers."""
     kernels = quantize.quantized_kernels(net)
     if kernels:
         return kernels
-    return {l.name: l.kernel.numpy() for l in net.layers
-            if isinstance(l, keras.layers.Conv2D) and tuple(l.kernel_size) == (3, 3)}
+    out = {}
+    for layer in net.layers:
+        inner = getattr(layer, "layer", layer)  # a tfmot QuantizeWrapper holds the conv
+        if isinstance(inner, keras.layers.Conv2D) and tuple(inner.kernel_size) == (3, 3):
+            # the float variable (inside a wrapper, inner.kernel is the fake-quant tensor)
+            float_kernel = [w for w in layer.weights if w.name.endswith("kernel:0")]
+            out[inner.name] = float_kernel[0].numpy()
+    return out
 
 
-def _tolerance(acc, n, stochastic):
-    return 2.0 * math.sqrt(max(acc * (1 - acc), 1.0 / n) / n) if stochastic else 0.0
+def tolerance(p1, p2, n, stochastic):
+    """Slack of a comparison of two accuracies measured on n examples.
+
+    0 for a deterministic model; else two binomial standard errors,
+    2 sqrt(v / n) with v = max(p1 (1 - p1), p2 (1 - p2), 1 / n) (the floor keeps
+    a small slack when both accuracies are 0 or 1).
+    """
+    if not stochastic:
+        return 0.0
+    n = max(int(n), 1)
+    v = max(p1 * (1 - p1), p2 * (1 - p2), 1.0 / n)
+    return 2.0 * math.sqrt(v / n)
+
+
+def check_eval_config(ev):
+    """Raises ValueError naming the config.eval field that cannot be evaluated."""
+    unknown = [a for a in list(ev.attacks) + list(ev.eot_attacks) if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"config.eval.attacks / eot_attacks list unknown attacks {unknown}; "
+                         f"choose from {ATTACKS}")
+    for field in ("eot_samples", "batch_size", "sweep_examples"):
+        if int(ev[field]) < 1:
+            raise ValueError(f"config.eval.{field}={ev[field]}; it must be >= 1")
+    if int(ev.max_examples) < 0:
+        raise ValueError(f"config.eval.max_examples={ev.max_examples}; give >= 1 (0 = all)")
+    sweep = [float(e) for e in ev.eps_sweep]
+    if not sweep or min(sweep) < 0 or sweep != sorted(sweep):
+        raise ValueError(f"config.eval.eps_sweep={tuple(ev.eps_sweep)}; give one or more "
+                         "eps >= 0 in ascending order, e.g. (0.0, 0.1, 0.3)")
 
 
 def sanity_checks(result, n, stochastic, num_classes, sweep_n):
-    """The checks of SPEC 5 on a result dict; each {"check", "held", "detail"}."""
+    """The checks of SPEC 5 on an eval.json-shaped dict; a list of {"check", "held", "detail"}.
+
+    Each comparison lhs <= rhs allows `tolerance(lhs, rhs, n, stochastic)`:
+      robust <= natural   every attack, mode (plain/eot) and kind (single/expected);
+      PGD-20 <= FGSM      expected accuracy, per mode;
+      EOT <= plain        expected accuracy, per attack run with EOT;
+      eps sweep           expected accuracy non-increasing between consecutive eps
+                          (sweep_n examples), and <= 1/num_classes + 0.1 at the
+                          largest eps when that eps is > 0;
+      more effort         PGD-20 with 2x steps or 2x restarts <= PGD-20 (sweep_n).
+    Sections missing from `result` (eps_sweep, more_effort) are not checked.
+    """
     checks = []
 
     def check(name, lhs, rhs, n_ex, what):
-        tol = _tolerance(max(lhs, rhs), n_ex, stochastic)
+        tol = tolerance(lhs, rhs, n_ex, stochastic)
         checks.append({"check": name, "held": bool(lhs <= rhs + tol),
                        "detail": f"{what}: {lhs:.4f} <= {rhs:.4f} (+ tolerance {tol:.4f})"})
 
     nat = result["natural_acc"]
-    atk = result["attacks"]
+    atk = result.get("attacks", {})
     for name, r in atk.items():
         for mode in ("plain", "eot"):
             if r.get(mode):
@@ -141,24 +195,29 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
                 check(f"PGD-20 <= FGSM ({mode}, expected)", atk["pgd20"][mode]["expected"],
                       atk["fgsm"][mode]["expected"], n, "expected accuracy")
     for name, r in atk.items():
-        if r.get("eot"):
+        if r.get("eot") and r.get("plain"):
             check(f"EOT <= plain ({name}, expected)", r["eot"]["expected"],
                   r["plain"]["expected"], n, "EOT never raises accuracy")
-    sweep = result["eps_sweep"]
-    for name in sweep["attacks"]:
+    sweep = result.get("eps_sweep")
+    for name in (sweep or {}).get("attacks", {}):
         accs = sweep["attacks"][name]["expected"]
+        if len(accs) != len(sweep["eps"]):
+            raise ValueError(f"eps_sweep of {name} has {len(accs)} accuracies for "
+                             f"{len(sweep['eps'])} eps values")
         for (e0, a0), (e1, a1) in zip(zip(sweep["eps"], accs), zip(sweep["eps"][1:], accs[1:])):
             check(f"non-increasing in eps ({name}, {e0:g} -> {e1:g})", a1, a0, sweep_n,
                   "expected accuracy")
-        chance = 1.0 / num_classes
-        last = accs[-1]
-        checks.append({"check": f"near chance at eps={sweep['eps'][-1]:g} ({name})",
-                       "held": bool(last <= chance + 0.1),
-                       "detail": f"expected accuracy {last:.4f} vs chance {chance:.2f} (+0.10)"})
-    more = result["more_effort"]
-    for label in ("steps_x2", "restarts_x2"):
-        check(f"more effort never raises accuracy (PGD-20 {label})", more[label]["expected"],
-              more["pgd20"]["expected"], sweep_n, "expected accuracy")
+        if accs and sweep["eps"][-1] > 0:
+            chance = 1.0 / num_classes
+            last = accs[-1]
+            checks.append({"check": f"near chance at eps={sweep['eps'][-1]:g} ({name})",
+                           "held": bool(last <= chance + 0.1),
+                           "detail": f"expected accuracy {last:.4f} vs chance {chance:.2f} (+0.10)"})
+    more = result.get("more_effort")
+    if more:
+        for label in ("steps_x2", "restarts_x2"):
+            check(f"more effort never raises accuracy (PGD-20 {label})", more[label]["expected"],
+                  more["pgd20"]["expected"], sweep_n, "expected accuracy")
     return checks
 
 
@@ -167,9 +226,8 @@ def evaluate(workdir, overrides=None, verbose=1):
     t0 = time.time()
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     ev = config.eval
-    unknown = [a for a in list(ev.attacks) + list(ev.eot_attacks) if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"config.eval lists unknown attacks {unknown}; choose from {ATTACKS}")
+    check_eval_config(ev)
+    state = workdir_lib.read_state(workdir)
     net = training.load(workdir)
     info = data.info(config.data.name)
     x_u8, y = data.load_arrays(config.data.name, "test", ev.max_examples, config.data.data_dir)
@@ -182,15 +240,22 @@ def evaluate(workdir, overrides=None, verbose=1):
     eps = float(config.adv.eps)
     say = print if verbose else (lambda *a, **k: None)
 
-    result = {"workdir": workdir, "n_examples": n, "eps": eps,
+    result = {"workdir": os.path.abspath(workdir), "n_examples": n, "eps": eps,
+              "training": {"completed_epochs": int(state["completed_epochs"]),
+                           "finished": bool(state["finished"])},
               "noise": {"sigma": float(config.model.sigma), "draws": draws,
                         "stochastic": stochastic},
               "natural_acc": model.accuracy(x, y), "attacks": {}}
+    if not state["finished"]:
+        say(f"[evaluate] WARNING {workdir} holds an unfinished training "
+            f"({state['completed_epochs']} epochs done); evaluating its last checkpoint", flush=True)
     say(f"[evaluate] {n} test examples, natural accuracy {result['natural_acc']}", flush=True)
     n_batches = math.ceil(n / model.batch_size)
     for name in ev.attacks:
         settings = attack_settings(name, ev, eps)
-        entry = {"settings": settings}
+        entry = {"settings": settings, "plain": None, "eot": None}
+        rescaled_entry = {"settings": {**settings, "note": "x + eps * (x_cw - x), as the reference"},
+                          "plain": None, "eot": None}
         modes = [("plain", 1)] + ([("eot", draws)] if name in ev.eot_attacks and draws > 1 else [])
         for mode, eot in modes:
             bar = keras.utils.Progbar(n_batches, verbose=verbose, unit_name="batch")
@@ -200,14 +265,10 @@ def evaluate(workdir, overrides=None, verbose=1):
             entry[mode]["mean_linf"] = float(np.abs(x_adv - x).reshape(n, -1).max(1).mean())
             entry[mode]["mean_l2"] = float(np.sqrt(((x_adv - x) ** 2).reshape(n, -1).sum(1)).mean())
             if name == "cw":
-                rescaled = attacks.rescale(x, x_adv, eps).numpy()
-                result["attacks"].setdefault("cw_rescaled", {
-                    "settings": {**settings, "note": "x + eps * (x_cw - x), as the reference"}})
-                result["attacks"]["cw_rescaled"][mode] = model.accuracy(rescaled, y)
-        entry.setdefault("eot", None)
+                rescaled_entry[mode] = model.accuracy(attacks.rescale(x, x_adv, eps).numpy(), y)
         result["attacks"][name] = entry
-        if "cw_rescaled" in result["attacks"]:
-            result["attacks"]["cw_rescaled"].setdefault("eot", None)
+        if name == "cw":
+            result["attacks"]["cw_rescaled"] = rescaled_entry
 
     # eps sweep and the more-effort checks on the first sweep_examples examples.
     m = min(n, int(ev.sweep_examples))
@@ -237,9 +298,10 @@ def evaluate(workdir, overrides=None, verbose=1):
     result["sparsity"] = sparsity.report(model_kernels(net))
     result["time_s"] = round(time.time() - t0, 1)
 
-    workdir_lib.write_json(os.path.join(workdir, EVAL_JSON), result)
     from brkeras import report  # pylint: disable=g-import-not-at-top
     report.write_eval_report(workdir, result, workdir_lib.read_metrics(workdir))
+    # eval.json last: the pipeline takes it as the mark of a finished evaluation.
+    workdir_lib.write_json(os.path.join(workdir, EVAL_JSON), result)
     failed = [c for c in result["sanity"] if not c["held"]]
     for c in failed:
         say(f"[evaluate] WARNING sanity check failed: {c['check']}: {c['detail']}", flush=True)

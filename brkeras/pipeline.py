@@ -2,7 +2,11 @@
 
 Each model of `config.pipeline.models` (an ARG such as "ternary,tradeoff") gets
 its own work dir under the pipeline dir, so a killed pipeline resumes where it
-stopped: a finished training is kept, a stage whose output exists is skipped.
+stopped: a finished training is kept, a stage whose output exists and is newer
+than the output it was made from is skipped (train -> evaluate, train -> export
+-> benchmark). The later stages run with the pipeline config's eval, export and
+bench sections. A stage that fails skips that model's remaining stages; the
+other models still run, and the pipeline raises at the end naming the failures.
 At the end `summary.json` and `summary.md` compare the models side by side.
 """
 
@@ -10,76 +14,166 @@ import copy
 import importlib
 import os
 import time
+import traceback
 
 from brkeras import config as config_lib
+from brkeras import errors
 from brkeras import workdir as workdir_lib
 
-# stage -> (module, function, the file that marks it done)
+# stage -> (module, function, the file that marks it done, the stage it is made from)
 STAGES = {
-    "train": ("training", "train", workdir_lib.STATE),
-    "evaluate": ("evaluate", "evaluate", "eval.json"),
-    "export": ("export", "export", "export.json"),
-    "benchmark": ("benchmark", "benchmark", "bench.json"),
+    "train": ("training", "train", workdir_lib.STATE, None),
+    "evaluate": ("evaluate", "evaluate", "eval.json", "train"),
+    "export": ("export", "export", "export.json", "train"),
+    "benchmark": ("benchmark", "benchmark", "bench.json", "export"),
 }
+# Sections a later stage may change without training again.
+STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")
 
 
 def model_dir_name(arg):
     return arg.replace(",", "_")
 
 
-def model_config(config, arg):
+def model_config(config, arg, pipeline_dir=None):
+    """The config of pipeline model `arg`: config with the ARG tokens applied.
+
+    Its pipeline.models is (arg,), so a model's stored config does not change
+    when models are added to or removed from the pipeline. With
+    config.pipeline.finetune.from_model set, every other model starts from that
+    model's trained weights (config.init_from, the usual way to quantize a
+    trained network) with the finetune section's shorter schedule.
+    """
     c = copy.deepcopy(config)
+    ft = config.pipeline.get("finetune")
     with c.unlocked():
         config_lib.apply_arg(c, arg)
+        c.pipeline.models = (arg,)
+        if ft is not None and ft.from_model and arg != ft.from_model:
+            source = model_dir_name(ft.from_model)
+            c.init_from = os.path.abspath(os.path.join(pipeline_dir, source)) if pipeline_dir \
+                else source
+            c.optim.epochs = ft.epochs
+            c.optim.lr = ft.lr
+            c.optim.milestones = tuple(ft.milestones)
+            c.data.max_train_examples = ft.max_train_examples
+            c.quant.phase2_fraction = ft.phase2_fraction
     return config_lib.validate(c)
 
 
+def _marker(workdir, stage):
+    return os.path.join(workdir, STAGES[stage][2])
+
+
 def _stage_done(workdir, stage):
-    marker = os.path.join(workdir, STAGES[stage][2])
-    if stage == "train":
-        return os.path.exists(marker) and workdir_lib.read_state(workdir)["finished"]
-    return os.path.exists(marker)
+    """True if the stage's output exists and is at least as new as its input's."""
+    path = _marker(workdir, stage)
+    if not os.path.exists(path):
+        return False
+    upstream = STAGES[stage][3]
+    if upstream is None:  # train
+        return bool(workdir_lib.read_state(workdir)["finished"])
+    if not _stage_done(workdir, upstream):
+        return False
+    return os.path.getmtime(path) >= os.path.getmtime(_marker(workdir, upstream))
 
 
 def _stage_fn(stage):
-    module, fn, _ = STAGES[stage]
-    try:
-        return getattr(importlib.import_module(f"brkeras.{module}"), fn)
-    except (ImportError, AttributeError):
-        return None
+    module, fn, _, _ = STAGES[stage]
+    return getattr(importlib.import_module(f"brkeras.{module}"), fn)
 
 
-def run(config, pipeline_dir, overwrite=False):
-    """Runs the pipeline; returns the summary rows."""
+def _training_diff(workdir, c):
+    """Differences of the stored config of `workdir` with `c` that need a new training."""
+    path = os.path.join(workdir, workdir_lib.CONFIG)
+    if not os.path.exists(path):
+        return []
+    old, new = workdir_lib.read_json(path), workdir_lib.config_to_dict(c)
+
+    def diff(a, b, prefix=""):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if not prefix and k in STAGE_SECTIONS:
+                continue
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, dict) and isinstance(vb, dict):
+                out += diff(va, vb, f"{prefix}{k}.")
+            elif va != vb:
+                out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+        return out
+
+    return diff(old, new)
+
+
+def _check(config, pipeline_dir=None):
+    """Validates the pipeline section; returns [(arg, model config, dir name)]."""
     config_lib.validate(config)
     for stage in config.pipeline.stages:
         if stage not in STAGES:
             raise ValueError(f"config.pipeline.stages has {stage!r}; choose from {tuple(STAGES)}")
-    os.makedirs(pipeline_dir, exist_ok=True)
     args = list(config.pipeline.models)
+    if not args:
+        raise ValueError("config.pipeline.models is empty; list ARGs such as "
+                         "('float,tradeoff', 'ternary,tradeoff')")
+    names = [model_dir_name(a) for a in args]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"config.pipeline.models names the work dirs {dup} more than once; "
+                         "list each model once")
+    ft = config.pipeline.get("finetune")
+    if ft is not None and ft.from_model and (not args or args[0] != ft.from_model):
+        raise ValueError(f"config.pipeline.finetune.from_model={ft.from_model!r} must be the "
+                         f"first of config.pipeline.models {tuple(args)} (the others start "
+                         "from it), or '' to train every model from scratch")
+    # every ARG checked before any training, so a typo in the last model fails now
+    return [(a, model_config(config, a, pipeline_dir), n) for a, n in zip(args, names)]
+
+
+def run(config, pipeline_dir, overwrite=False):
+    """Runs the pipeline; returns the summary rows.
+
+    overwrite: train every model again from scratch and redo every stage.
+    Raises errors.BrkerasError after writing the summary if any stage failed.
+    """
+    models = _check(config, pipeline_dir)
+    os.makedirs(pipeline_dir, exist_ok=True)
     t_start = time.time()
-    for i, arg in enumerate(args, 1):
-        c = model_config(config, arg)
-        workdir = os.path.join(pipeline_dir, model_dir_name(arg))
+    failures = []
+    for i, (arg, c, name) in enumerate(models, 1):
+        workdir = os.path.join(pipeline_dir, name)
+        diff = _training_diff(workdir, c)
+        if diff and not overwrite:
+            raise errors.WorkdirError(
+                f"{workdir} holds a run of a different config:\n  " + "\n  ".join(diff)
+                + "\nUse another pipeline dir, or pass --overwrite to train it again.")
         for stage in config.pipeline.stages:
-            label = f"[pipeline {i}/{len(args)} {arg}] {stage}"
-            if _stage_done(workdir, stage) and not overwrite:
+            label = f"[pipeline {i}/{len(models)} {arg}] {stage}"
+            if not overwrite and _stage_done(workdir, stage):
                 print(f"{label}: done already, kept ({workdir})", flush=True)
-                continue
-            fn = _stage_fn(stage)
-            if fn is None:
-                print(f"{label}: not available yet in this version, skipped", flush=True)
                 continue
             print(f"{label} ...", flush=True)
             t0 = time.time()
-            if stage == "train":
-                fn(c, workdir, overwrite=overwrite)
-            else:
-                fn(workdir)
+            try:
+                if stage == "train":
+                    _stage_fn(stage)(c, workdir, overwrite=overwrite)
+                else:
+                    _stage_fn(stage)(workdir, overrides=c)
+            except Exception as e:  # pylint: disable=broad-except
+                # the other models still run; the failure is raised at the end
+                traceback.print_exc()
+                print(f"{label}: FAILED ({type(e).__name__}: {e}); skipping the rest of "
+                      f"{arg}", flush=True)
+                failures.append((arg, stage, e))
+                break
             print(f"{label}: {time.time() - t0:.0f} s", flush=True)
     rows = _summarize(config, pipeline_dir)
     print(f"[pipeline] finished in {time.time() - t_start:.0f} s; summary in "
           f"{os.path.join(pipeline_dir, 'summary.md')}", flush=True)
+    if failures:
+        listed = "; ".join(f"{a} {s}: {type(e).__name__}: {e}" for a, s, e in failures)
+        raise errors.BrkerasError(
+            f"{len(failures)} pipeline stage(s) failed: {listed}. Fix the cause and run the "
+            "same command again: finished stages are kept.") from failures[0][2]
     return rows
 
 

@@ -78,7 +78,11 @@ def plot_training_curves(metrics, path):
 
 
 def write_eval_report(workdir, result, metrics):
-    """report.md and plots/ of an evaluation result (the eval.json dict)."""
+    """report.md and plots/ of an evaluation result (the eval.json dict).
+
+    Plots: plots/accuracy_vs_eps.png, plots/sparsity_per_layer.png and, when
+    `metrics` (the metrics.jsonl rows) is not empty, plots/training_curves.png.
+    """
     plots = os.path.join(workdir, PLOTS)
     os.makedirs(plots, exist_ok=True)
     plot_accuracy_vs_eps(result["eps_sweep"], os.path.join(plots, "accuracy_vs_eps.png"))
@@ -95,6 +99,12 @@ def write_eval_report(workdir, result, metrics):
         rows.append([name, settings, pct(plain.get("single")), pct(plain.get("expected")),
                      pct(eot.get("single")), pct(eot.get("expected"))])
     sp = result["sparsity"]["overall"]
+    sweep = result["eps_sweep"]
+    more = result.get("more_effort")
+    training = result.get("training")
+    trained = ("" if not training or training["finished"] else
+               f" **Training unfinished** ({training['completed_epochs']} epochs done): "
+               "this is its last checkpoint.")
     lines = [
         f"# Evaluation of `{os.path.basename(workdir)}`",
         "",
@@ -103,18 +113,40 @@ def write_eval_report(workdir, result, metrics):
         + (f": **single** = one forward pass, **expected** = argmax of the mean softmax over "
            f"{noise['draws']} draws; **plain** attacks use one draw per gradient, **EOT** "
            f"attacks average gradients over {noise['draws']} draws."
-           if noise["stochastic"] else " (sigma 0: a deterministic model, single = expected)."),
+           if noise["stochastic"] else " (sigma 0: a deterministic model, single = expected).")
+        + trained,
         "",
         "## Accuracy (%)",
         "",
         table(["attack", "settings", "plain single", "plain expected", "EOT single",
                "EOT expected"], rows),
         "",
-        "`cw` is the plain Carlini-Wagner L2 result; `cw_rescaled` applies the reference's "
-        "rescaling x + eps (x_cw - x), which is not a projection onto an eps-ball.",
+        ("`cw` is the plain Carlini-Wagner L2 result; `cw_rescaled` applies the reference's "
+         "rescaling x + eps (x_cw - x), which is not a projection onto an eps-ball.\n"
+         if "cw" in result["attacks"] else ""),
+        "## Accuracy vs eps (%, expected / single)",
+        "",
+        f"On the first {sweep['n_examples']} test examples; eps 0 is the natural accuracy.",
+        "",
+        table(["attack"] + [f"eps={e:g}" for e in sweep["eps"]],
+              [[name] + [f"{pct(a)} / {pct(b)}" for a, b in zip(accs["expected"], accs["single"])]
+               for name, accs in sweep["attacks"].items()]),
         "",
         "![accuracy vs eps](plots/accuracy_vs_eps.png)",
         "",
+    ]
+    if more:
+        lines += [
+            f"## More attack effort (PGD-20 at eps {result['eps']:g}, {more['n_examples']} "
+            "examples, %)",
+            "",
+            table(["attack", "single", "expected"],
+                  [[label, pct(more[key]["single"]), pct(more[key]["expected"])]
+                   for key, label in (("pgd20", "PGD-20"), ("steps_x2", "PGD-40 (2x steps)"),
+                                      ("restarts_x2", "PGD-20, 2 restarts"))]),
+            "",
+        ]
+    lines += [
         "## Sanity checks",
         "",
         table(["check", "held", "detail"],

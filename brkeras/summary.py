@@ -1,6 +1,10 @@
-"""The pipeline's side-by-side comparison: summary.json, summary.md and a plot."""
+"""The pipeline's side-by-side comparison: summary.json and summary.md.
 
-import json
+summary.json = {"models": [row, ...]}, one row per pipeline model, in the order
+of config.pipeline.models; ROW_KEYS documents a row. A value is None when the
+stage that produces it has not run (or the model has no such file).
+"""
+
 import os
 
 from brkeras import report
@@ -21,8 +25,32 @@ COLUMNS = (
 )
 
 
+ROW_KEYS = {
+    "model": "the model's work dir name under the pipeline dir",
+    "epochs": "training epochs logged in metrics.jsonl",
+    "train_time_s": "sum of the epochs' wall times (s)",
+    "n_test": "test examples of the evaluation",
+    "natural": "natural accuracy, expected prediction",
+    "natural_single": "natural accuracy, single noise draw",
+    "fgsm": "FGSM accuracy, plain attack, expected prediction",
+    "ifgsm20": "IFGSM-20 accuracy, plain attack, expected prediction",
+    "pgd20": "PGD-20 accuracy, plain attack, expected prediction",
+    "pgd20_eot": "PGD-20 accuracy, EOT attack, expected prediction",
+    "cw": "CW-L2 accuracy, expected prediction",
+    "cw_rescaled": "CW-L2 with the reference's eps rescaling, expected prediction",
+    "zero_share": "share of zero weights over the quantized layers",
+    "channel_sparsity": "share of all-zero input-channel slices",
+    "filter_sparsity": "share of all-zero output channels",
+    "sanity_failed": "names of the evaluation's failed sanity checks",
+    "tflite_file": "the deployable int8 file (noise on; noise off for sigma 0)",
+    "tflite_bytes": "its size in bytes",
+    "latency_ms_noise": "LiteRT median latency of that file, 1 thread (ms)",
+    "latency_ms_no_noise": "the same for the noise-off file (ms)",
+}
+
+
 def _read(path):
-    return json.load(open(path)) if os.path.exists(path) else None
+    return workdir_lib.read_json(path) if os.path.exists(path) else None
 
 
 def _acc(ev, attack, mode="plain"):
@@ -51,12 +79,14 @@ def _latency(bench, name):
 
 
 def model_row(pipeline_dir, name):
+    """The ROW_KEYS dict of the model work dir pipeline_dir/name."""
     wd = os.path.join(pipeline_dir, name)
     ev = _read(os.path.join(wd, "eval.json"))
     ex = _read(os.path.join(wd, "export.json"))
     be = _read(os.path.join(wd, "bench.json"))
     metrics = workdir_lib.read_metrics(wd)
     noisy, det = _deploy_file(ex, True), _deploy_file(ex, False)
+    shipped = noisy or det  # a sigma = 0 model has only noise-off files
     sp = ev["sparsity"]["overall"] if ev else {}
     return {
         "model": name,
@@ -75,17 +105,17 @@ def model_row(pipeline_dir, name):
         "channel_sparsity": sp.get("channel_sparsity"),
         "filter_sparsity": sp.get("filter_sparsity"),
         "sanity_failed": [c["check"] for c in ev["sanity"] if not c["held"]] if ev else None,
-        "tflite_file": noisy["file"] if noisy else None,
-        "tflite_bytes": noisy["size_bytes"] if noisy else None,
+        "tflite_file": shipped["file"] if shipped else None,
+        "tflite_bytes": shipped["size_bytes"] if shipped else None,
         "latency_ms_noise": _latency(be, noisy and noisy["file"]),
         "latency_ms_no_noise": _latency(be, det and det["file"]),
     }
 
 
 def _ms(a, b):
-    if a is None:
+    if a is None and b is None:
         return "-"
-    return f"{a:.3f} / {b:.3f}" if b is not None else f"{a:.3f}"
+    return " / ".join("-" if v is None else f"{v:.3f}" for v in (a, b))
 
 
 def markdown(rows):
@@ -105,6 +135,7 @@ def markdown(rows):
 
 
 def write(pipeline_dir, names):
+    """Writes summary.json and summary.md for the model dirs `names`; returns the rows."""
     rows = [model_row(pipeline_dir, n) for n in names]
     workdir_lib.write_json(os.path.join(pipeline_dir, "summary.json"), {"models": rows})
     text = markdown(rows)

@@ -1,0 +1,245 @@
+"""brkeras.pipeline and brkeras.summary: every stage per model, resume, summary."""
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+
+from brkeras import errors, pipeline, summary, workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
+
+MODELS = ("float,tradeoff", "ternary,tradeoff")
+DIRS = ("float_tradeoff", "ternary_tradeoff")
+MODEL_FILES = ("config.json", "metrics.jsonl", "state.json", "ckpt", "eval.json", "report.md",
+               "plots", "export", "export.json", "bench.json")
+NUMERIC = ("train_time_s", "natural", "natural_single", "fgsm", "ifgsm20", "pgd20", "pgd20_eot",
+           "cw", "cw_rescaled", "zero_share", "channel_sparsity", "filter_sparsity",
+           "tflite_bytes", "latency_ms_noise", "latency_ms_no_noise")
+
+
+def small_config():
+    """The smoke config, cut further: every stage runs, each in seconds."""
+    c = smoke.get_config()
+    c.pipeline.models = MODELS
+    c.data.max_train_examples = 64  # one step per epoch
+    c.optim.epochs = 1
+    c.eval.max_examples = 32
+    c.eval.batch_size = 32
+    c.eval.sweep_examples = 32
+    c.eval.eps_sweep = (0.0, 0.3)
+    c.eval.eot_attacks = ("pgd20",)
+    c.eval.cw_steps = 5
+    c.export.formats = ("dynamic_int8",)
+    c.export.prune = False
+    c.export.parity_examples = 32
+    c.bench.runs = 3
+    return c
+
+
+def run_quiet(config, pipeline_dir):
+    """(rows or the exception raised, stdout) of pipeline.run."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            rows = pipeline.run(config, pipeline_dir)
+        except errors.BrkerasError as e:
+            rows = e
+    return rows, out.getvalue()
+
+
+def mtimes(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(directory) for f in files}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """A pipeline whose second model's export fails, then the same pipeline run again."""
+    from brkeras import export  # pylint: disable=g-import-not-at-top
+
+    pdir = str(tmp_path_factory.mktemp("pipeline"))
+    config = small_config()
+    real_export = export.export
+
+    def failing_export(workdir, **kwargs):
+        if workdir.endswith(DIRS[1]):
+            raise RuntimeError("simulated crash in export")
+        return real_export(workdir, **kwargs)
+
+    export.export = failing_export
+    try:
+        first, out1 = run_quiet(config, pdir)
+    finally:
+        export.export = real_export
+    with open(os.path.join(pdir, "summary.json")) as f:
+        summary1 = json.load(f)
+    before = {d: mtimes(os.path.join(pdir, d)) for d in DIRS}
+    time.sleep(0.05)  # so that a rewritten file would get a later mtime
+    rows, out2 = run_quiet(config, pdir)
+    return dict(dir=pdir, config=config, first=first, out1=out1, summary1=summary1,
+                before=before, rows=rows, out2=out2)
+
+
+# ---- the failed first run ---------------------------------------------------------
+
+
+def test_failure_is_reported_after_the_other_stages_ran(pipe):
+    e = pipe["first"]
+    assert isinstance(e, errors.BrkerasError)
+    assert "ternary,tradeoff export: RuntimeError: simulated crash in export" in str(e)
+    assert "run the same command again" in str(e)
+    out = pipe["out1"]
+    assert "[pipeline 2/2 ternary,tradeoff] export: FAILED" in out
+    assert "[pipeline 2/2 ternary,tradeoff] benchmark" not in out  # skipped after the failure
+    # the summary was still written, with the missing stages as None
+    float_row, ternary_row = pipe["summary1"]["models"]
+    assert float_row["tflite_bytes"] > 0
+    assert ternary_row["natural"] is not None
+    assert ternary_row["tflite_bytes"] is None and ternary_row["latency_ms_noise"] is None
+
+
+# ---- the resumed run --------------------------------------------------------------
+
+
+def test_resume_keeps_finished_stages(pipe):
+    out, before, pdir = pipe["out2"], pipe["before"], pipe["dir"]
+    for stage in ("train", "evaluate", "export", "benchmark"):
+        assert f"[pipeline 1/2 float,tradeoff] {stage}: done already, kept" in out
+    for stage in ("train", "evaluate"):
+        assert f"[pipeline 2/2 ternary,tradeoff] {stage}: done already, kept" in out
+    for stage in ("export", "benchmark"):
+        assert f"[pipeline 2/2 ternary,tradeoff] {stage} ..." in out
+    assert mtimes(os.path.join(pdir, DIRS[0])) == before[DIRS[0]]  # nothing rewritten
+    after = mtimes(os.path.join(pdir, DIRS[1]))
+    assert {k: after[k] for k in before[DIRS[1]]} == before[DIRS[1]]
+    assert {"export.json", "bench.json"} <= set(after) - set(before[DIRS[1]])
+
+
+def test_every_stage_output_exists(pipe):
+    for d in DIRS:
+        wd = os.path.join(pipe["dir"], d)
+        for name in MODEL_FILES:
+            assert os.path.exists(os.path.join(wd, name)), f"{d}/{name} missing"
+        assert workdir_lib.read_state(wd) == {"completed_epochs": 1, "finished": True}
+        assert len(workdir_lib.read_metrics(wd)) == 1
+        assert sorted(os.listdir(os.path.join(wd, "plots"))) == [
+            "accuracy_vs_eps.png", "sparsity_per_layer.png", "training_curves.png"]
+        tflite = sorted(f for f in os.listdir(os.path.join(wd, "export")) if f.endswith(".tflite"))
+        assert tflite == ["det_dynamic_int8.tflite", "noisy_dynamic_int8.tflite"]
+        with open(os.path.join(wd, "bench.json")) as f:
+            bench = json.load(f)
+        assert sorted(r["file"] for r in bench["results"]) == tflite
+        assert all(r["threads"] == 1 and r["runs"] == 3 for r in bench["results"])
+
+
+def test_stages_used_the_pipeline_config(pipe):
+    config = pipe["config"]
+    for d, arg in zip(DIRS, MODELS):
+        wd = os.path.join(pipe["dir"], d)
+        stored = workdir_lib.load_config(wd)
+        assert stored.quant.precision == arg.split(",")[0]
+        assert tuple(stored.pipeline.models) == (arg,)
+        with open(os.path.join(wd, "eval.json")) as f:
+            ev = json.load(f)
+        assert ev["n_examples"] == config.eval.max_examples == 32
+        assert ev["eps_sweep"]["eps"] == [0.0, 0.3]
+        assert ev["attacks"]["pgd20"]["eot"] is not None and ev["attacks"]["fgsm"]["eot"] is None
+
+
+def test_summary_json(pipe):
+    with open(os.path.join(pipe["dir"], "summary.json")) as f:
+        rows = json.load(f)["models"]
+    assert rows == json.loads(json.dumps(pipe["rows"]))
+    assert [r["model"] for r in rows] == list(DIRS)
+    for r in rows:
+        assert set(r) == set(summary.ROW_KEYS)
+        for key in NUMERIC:
+            v = r[key]
+            assert isinstance(v, (int, float)) and math.isfinite(v), (r["model"], key, v)
+        for key in ("natural", "fgsm", "ifgsm20", "pgd20", "pgd20_eot", "cw", "zero_share"):
+            assert 0 <= r[key] <= 1
+        assert r["epochs"] == 1 and r["n_test"] == 32
+        assert r["tflite_file"] == "noisy_dynamic_int8.tflite"
+        assert r["tflite_bytes"] == os.path.getsize(
+            os.path.join(pipe["dir"], r["model"], "export", r["tflite_file"]))
+        assert isinstance(r["sanity_failed"], list)
+    float_row, ternary_row = rows
+    assert float_row["zero_share"] == 0.0  # float kernels have no exact zeros
+    assert ternary_row["zero_share"] > 0.0
+    # the row repeats the model's own eval.json
+    with open(os.path.join(pipe["dir"], DIRS[1], "eval.json")) as f:
+        ev = json.load(f)
+    assert ternary_row["pgd20"] == ev["attacks"]["pgd20"]["plain"]["expected"]
+    assert ternary_row["zero_share"] == ev["sparsity"]["overall"]["zero_share"]
+
+
+def test_summary_md(pipe):
+    with open(os.path.join(pipe["dir"], "summary.md")) as f:
+        text = f.read()
+    header = "| " + " | ".join(c for c, _ in summary.COLUMNS) + " |"
+    assert header in text
+    lines = text.splitlines()
+    body = lines[lines.index(header) + 2:lines.index(header) + 2 + len(DIRS)]
+    assert [line.split(" | ")[0] for line in body] == [f"| {d}" for d in DIRS]
+    assert all(line.count("|") == len(summary.COLUMNS) + 1 for line in body)
+
+
+def test_changed_training_config_is_refused(pipe):
+    config = copy.deepcopy(pipe["config"])
+    config.optim.lr = 0.01
+    before = mtimes(pipe["dir"])
+    with pytest.raises(errors.WorkdirError, match=r"(?s)optim\.lr: 0\.05 -> 0\.01.*--overwrite"):
+        pipeline.run(config, pipe["dir"])
+    assert mtimes(pipe["dir"]) == before
+
+
+# ---- no training needed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("models", ("float,tradeoff", "ternray,tradeoff"), "unknown config argument 'ternray'"),
+    ("models", ("float,tradeoff", "float,tradeoff"), "more than once"),
+    ("models", (), "empty"),
+    ("stages", ("train", "deploy"), "'deploy'; choose from"),
+])
+def test_bad_pipeline_config_fails_before_any_work(tmp_path, field, value, match):
+    c = small_config()
+    c.pipeline[field] = value
+    with pytest.raises(ValueError, match=match):
+        pipeline.run(c, str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+
+
+def test_stage_done_needs_a_newer_output(tmp_path):
+    wd = str(tmp_path)
+    assert not pipeline._stage_done(wd, "train")  # pylint: disable=protected-access
+    workdir_lib.write_state(wd, 1, finished=False)
+    assert not pipeline._stage_done(wd, "train")  # pylint: disable=protected-access
+    for name in ("eval.json", "export.json", "bench.json"):
+        workdir_lib.write_json(os.path.join(wd, name), {})
+    assert not pipeline._stage_done(wd, "evaluate")  # pylint: disable=protected-access
+    workdir_lib.write_state(wd, 1, finished=True)
+    # state.json is now newer than every later output: they are stale
+    t = os.path.getmtime(os.path.join(wd, "state.json"))
+    os.utime(os.path.join(wd, "eval.json"), (t - 10, t - 10))
+    os.utime(os.path.join(wd, "export.json"), (t + 10, t + 10))
+    os.utime(os.path.join(wd, "bench.json"), (t + 5, t + 5))
+    done = {s: pipeline._stage_done(wd, s) for s in pipeline.STAGES}  # pylint: disable=protected-access
+    assert done == {"train": True, "evaluate": False, "export": True, "benchmark": False}
+
+
+def test_model_row_of_an_empty_dir(tmp_path):
+    row = summary.model_row(str(tmp_path), "nothing_here")
+    assert set(row) == set(summary.ROW_KEYS)
+    assert row["model"] == "nothing_here" and row["epochs"] == 0
+    assert all(row[k] is None for k in NUMERIC if k != "train_time_s")
+    assert "| nothing_here | - | - |" in summary.markdown([row])
