@@ -88,6 +88,11 @@ def base_config():
     c.export.representative_examples = 200
     c.export.parity_examples = 1000
     c.export.min_agreement = 0.995  # noise-off top-1 agreement of TFLite with Keras
+    # Full int8 quantizes activations too (per tensor), which flips 1-3% of the
+    # top-1s of a small model with no loss of accuracy: it must agree on 95% and
+    # lose at most 1 point of accuracy.
+    c.export.min_agreement_full_int8 = 0.95
+    c.export.max_accuracy_drop_full_int8 = 0.01
 
     c.bench = ml_collections.ConfigDict()
     c.bench.threads = (1, 2)

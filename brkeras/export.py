@@ -232,19 +232,16 @@ def to_tflite_layout(kernel):
 
 
 def max_level(precision, bits=4):
-    """K, the largest integer level |k| of Q(w) = u * k for a Binary-Relax precision."""
-    if precision == "binary":
-        return 1
-    if precision in ("ternary", "ternary_twn"):
-        return 1
-    if precision == "4bit":
-        return 7
-    if precision == "kbit":
-        if not 2 <= int(bits) <= 8:
-            raise ValueError(f"bits={bits}; k-bit export supports 2..8 bits")
-        return 2 ** (int(bits) - 1) - 1
-    raise ValueError(f"precision={precision!r} has no exact integer levels; "
-                     "use binary, ternary, ternary_twn, 4bit or kbit")
+    """K, the largest integer level |k| of Q(w) = u * k for a Binary-Relax precision:
+    half the number of levels (binary's +-1 included); int8 holds up to 8 bits."""
+    from brkeras import quantizers  # pylint: disable=g-import-not-at-top
+
+    if precision == "kbit" and not 2 <= int(bits) <= 8:
+        raise ValueError(f"bits={bits}; k-bit export supports 2..8 bits")
+    if precision not in quantizers.QUANTIZERS:
+        raise ValueError(f"precision={precision!r} has no exact integer levels; "
+                         f"use one of {tuple(quantizers.QUANTIZERS)}")
+    return quantizers.num_levels(precision, bits) // 2
 
 
 def exact_levels(filt, max_lvl, rtol=1e-4):
@@ -479,10 +476,18 @@ def keras_logits(model, x, batch_size=100):
                            for i in range(0, len(x), batch_size)])
 
 
-def parity_deterministic(tflite, model, x, y=None, min_agreement=0.995, batch_size=50):
+def agreement_bar(min_agreement, fmt):
+    """The top-1 agreement bar of format `fmt`: `min_agreement` is one share for
+    every format or a dict {format: share}."""
+    return float(min_agreement[fmt] if isinstance(min_agreement, dict) else min_agreement)
+
+
+def parity_deterministic(tflite, model, x, y=None, min_agreement=0.995, batch_size=50,
+                         max_accuracy_drop=None):
     """Noise-off parity: top-1 agreement and max |logit difference|; raises ParityError.
 
-    agreement = mean(argmax tflite == argmax keras) must be >= min_agreement.
+    agreement = mean(argmax tflite == argmax keras) must be >= min_agreement; with
+    max_accuracy_drop (and labels y), acc_keras - acc_tflite must be <= it too.
     """
     lk = keras_logits(model, x, batch_size)
     lt = tflite_logits(tflite, x, batch_size)
@@ -494,8 +499,17 @@ def parity_deterministic(tflite, model, x, y=None, min_agreement=0.995, batch_si
         y = np.asarray(y).reshape(-1)
         out["acc_keras"] = float(np.mean(lk.argmax(1) == y))
         out["acc_tflite"] = float(np.mean(lt.argmax(1) == y))
+        if max_accuracy_drop is not None:
+            out["max_accuracy_drop"] = max_accuracy_drop
+            drop = out["acc_keras"] - out["acc_tflite"]
+            if drop > max_accuracy_drop:
+                raise ParityError(
+                    f"{os.path.basename(str(tflite))}: TFLite accuracy {out['acc_tflite']:.4f} is "
+                    f"{drop:.4f} below Keras {out['acc_keras']:.4f} (> {max_accuracy_drop}); "
+                    "the export is not faithful")
     if agree < min_agreement:
-        raise ParityError(f"TFLite top-1 agrees with Keras on {agree:.4f} of {len(x)} examples "
+        raise ParityError(f"{os.path.basename(str(tflite))}: TFLite top-1 agrees with Keras on "
+                          f"{agree:.4f} of {len(x)} examples "
                           f"< {min_agreement} (max |logit diff| {out['max_abs_logit_diff']:.4g}); "
                           "the export is not faithful")
     return out
@@ -577,7 +591,10 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
             n = min(noise_examples, len(x_test))
             par = parity_stochastic(path, model, x_test[:n], y_test[:n], runs=noise_runs)
         else:
-            par = parity_deterministic(path, model, x_test, y_test, min_agreement)
+            par = parity_deterministic(
+                path, model, x_test, y_test, agreement_bar(min_agreement, fmt),
+                max_accuracy_drop=agreement_bar(min_agreement, "max_accuracy_drop")
+                if fmt == "full_int8" and isinstance(min_agreement, dict) else None)
         entries.append(dict(file=os.path.basename(path), format=fmt, size_bytes=len(b),
                             noise=bool(noise), pruned=bool(pruned), weights=wcheck,
                             batch=deploy.inputs[0].shape[0],
@@ -664,7 +681,8 @@ def export_qat(model, out_dir, stem, x_test, y_test, noise, min_agreement=0.995,
         n = min(noise_examples, len(x_test))
         par = parity_stochastic(path, model, x_test[:n], y_test[:n], runs=noise_runs)
     else:
-        par = parity_deterministic(path, model, x_test, y_test, min_agreement)
+        par = parity_deterministic(path, model, x_test, y_test,
+                                   agreement_bar(min_agreement, "qat_int8"))
     return [dict(file=os.path.basename(path), format="qat_int8", size_bytes=len(b),
                  noise=bool(noise), pruned=False, weights={},
                  batch=(model if deploy is None else deploy).inputs[0].shape[0],
@@ -712,6 +730,14 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
     if not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement={min_agreement}; give a share in [0, 1] "
                          "(config.export.min_agreement)")
+    # Full int8 also quantizes activations, a different function by design: its own bar.
+    full = float(config.export.get("min_agreement_full_int8", min_agreement))
+    if not 0 <= full <= 1:
+        raise ValueError(f"config.export.min_agreement_full_int8={full}; give a share in [0, 1]")
+    drop = float(config.export.get("max_accuracy_drop_full_int8", 0.01))
+    min_agreement = {"float32": min_agreement, "dynamic_int8": min_agreement,
+                     "qat_int8": min_agreement, "full_int8": min(full, min_agreement),
+                     "max_accuracy_drop": drop}
     if x_rep is None:
         xr, _ = data.load_arrays(config.data.name, "train", config.export.representative_examples,
                                  config.data.data_dir)
@@ -764,7 +790,7 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
                     e["quantization"] = dict(precision=precision, max_level=kmax)
                 entries.extend(entries_for)
         result = dict(workdir=os.path.abspath(workdir), files=entries, pruning=prune_reports,
-                      min_agreement=min_agreement)
+                      min_agreement=min_agreement["float32"], parity_bars=min_agreement)
         workdir_lib.write_json(os.path.join(tmp, "export.json"), result)
         _install(tmp, workdir)
     finally:

@@ -27,8 +27,7 @@ STAGES = {
     "export": ("export", "export", "export.json", "train"),
     "benchmark": ("benchmark", "benchmark", "bench.json", "export"),
 }
-# Sections a later stage may change without training again.
-STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")
+STAGE_SECTIONS = workdir_lib.STAGE_SECTIONS
 
 
 def model_dir_name(arg):
@@ -88,21 +87,8 @@ def _training_diff(workdir, c):
     path = os.path.join(workdir, workdir_lib.CONFIG)
     if not os.path.exists(path):
         return []
-    old, new = workdir_lib.read_json(path), workdir_lib.config_to_dict(c)
-
-    def diff(a, b, prefix=""):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if not prefix and k in STAGE_SECTIONS:
-                continue
-            va, vb = a.get(k), b.get(k)
-            if isinstance(va, dict) and isinstance(vb, dict):
-                out += diff(va, vb, f"{prefix}{k}.")
-            elif va != vb:
-                out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-        return out
-
-    return diff(old, new)
+    return workdir_lib.config_diff(workdir_lib.read_json(path), workdir_lib.config_to_dict(c),
+                                   ignore=STAGE_SECTIONS)
 
 
 def _check(config, pipeline_dir=None):

@@ -22,6 +22,8 @@ STATE = "state.json"
 CKPT = "ckpt"
 TB = "tb"
 TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB)
+# Config sections that later stages may change without training again.
+STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")
 
 
 def _jsonable(x):
@@ -120,12 +122,16 @@ def truncate_metrics(workdir, completed_epochs):
     os.replace(tmp, path)
 
 
-def _diff(old, new, prefix=""):
+def config_diff(old, new, ignore=(), prefix=""):
+    """Lines "a.b: old -> new" for every field that differs; top-level sections in
+    `ignore` are skipped."""
     out = []
     for k in sorted(set(old) | set(new)):
+        if not prefix and k in ignore:
+            continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
+            out += config_diff(a, b, prefix=f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
@@ -154,7 +160,7 @@ def prepare_for_training(workdir, config, overwrite=False):
                 f"{workdir} already holds a finished run ({state['completed_epochs']} "
                 "epochs). Evaluate it with `brkeras evaluate`, choose another "
                 "--workdir, or pass --overwrite to train again from scratch.")
-        diff = _diff(read_json(cfg_path), new)
+        diff = config_diff(read_json(cfg_path), new, ignore=STAGE_SECTIONS)
         if diff:
             raise WorkdirError(
                 f"{workdir} holds an unfinished run with a different config:\n  "

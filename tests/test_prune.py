@@ -6,23 +6,9 @@ import pytest
 from brkeras._keras import keras, tf
 from brkeras import prune
 
+from brkeras.layers import FeynmanKacNoise
+
 L = keras.layers
-
-
-class _Noise(keras.layers.Layer):
-    """Test stand-in for FeynmanKacNoise: x + sigma * std(x) * N(0, I)."""
-
-    def __init__(self, sigma=0.0, **kw):
-        super().__init__(**kw)
-        self.sigma = sigma
-
-    def call(self, x):
-        if self.sigma == 0:
-            return x
-        return x + self.sigma * tf.math.reduce_std(x) * tf.random.normal(tf.shape(x))
-
-    def get_config(self):
-        return dict(super().get_config(), sigma=self.sigma)
 
 
 def tiny_resnet(width=6, hw=8, classes=3):
@@ -36,7 +22,7 @@ def tiny_resnet(width=6, hw=8, classes=3):
         h = L.Conv2D(w, 3, stride, padding="same", use_bias=False, name=p + "conv1")(h)
         h = L.ReLU(name=p + "relu2")(L.BatchNormalization(name=p + "bn2")(h))
         h = L.Conv2D(w, 3, padding="same", use_bias=False, name=p + "conv2")(h)
-        x = _Noise(0.0, name=p + "noise")(L.Add(name=p + "add")([sc, h]))
+        x = FeynmanKacNoise(0.0, name=p + "noise")(L.Add(name=p + "add")([sc, h]))
     x = L.ReLU(name="m0_relu_final")(L.BatchNormalization(name="m0_bn_final")(x))
     out = L.Dense(classes, name="m0_logits")(L.GlobalAveragePooling2D(name="m0_pool")(x))
     return keras.Model(inp, out)
