@@ -20,8 +20,10 @@ COLUMNS = (
     ("CW", "CW-L2 accuracy (reference settings), expected prediction (%)"),
     ("zero weights", "share of zero weights in the quantized layers (%)"),
     ("channel sparsity", "share of all-zero input-channel slices (reference definition, %)"),
-    ("TFLite KB", "size of the deployable int8 TFLite file (noise on; pruned when pruning removed channels)"),
-    ("latency ms", "LiteRT median latency of that file, batch 1, 1 thread, noise on / off"),
+    ("TFLite KB", "size of the int8 TFLite file without noise (full int8, or the QAT model's; "
+                  "pruned when pruning removed channels)"),
+    ("latency ms", "LiteRT median latency, batch 1, 1 thread: noisy deploy (dynamic-range int8 "
+                   "or QAT int8) / that noise-off int8 file"),
 )
 
 
@@ -42,10 +44,10 @@ ROW_KEYS = {
     "channel_sparsity": "share of all-zero input-channel slices",
     "filter_sparsity": "share of all-zero output channels",
     "sanity_failed": "names of the evaluation's failed sanity checks",
-    "tflite_file": "the deployable int8 file (noise on; noise off for sigma 0)",
+    "tflite_file": "the noise-off int8 file (full int8 or QAT int8; the noisy one if none)",
     "tflite_bytes": "its size in bytes",
-    "latency_ms_noise": "LiteRT median latency of that file, 1 thread (ms)",
-    "latency_ms_no_noise": "the same for the noise-off file (ms)",
+    "latency_ms_noise": "LiteRT median latency of the noisy int8 deploy, 1 thread (ms)",
+    "latency_ms_no_noise": "the same for the noise-off int8 file (ms)",
 }
 
 
@@ -61,12 +63,13 @@ def _acc(ev, attack, mode="plain"):
 
 
 def _deploy_file(export, noise):
-    """The int8 file a user would ship: dynamic-range int8 (pruned if available), or the
-    tfmot QAT model's own int8 file."""
+    """The int8 file a user would ship (pruned if available): with noise, dynamic-range
+    int8 (export.noisy_formats has no full int8); without, full int8; or the tfmot
+    QAT model's own int8 file."""
     if not export:
         return None
-    files = [f for f in export["files"]
-             if f["noise"] == noise and f["format"] in ("dynamic_int8", "qat_int8")]
+    wanted = ("dynamic_int8", "qat_int8") if noise else ("full_int8", "qat_int8")
+    files = [f for f in export["files"] if f["noise"] == noise and f["format"] in wanted]
     files.sort(key=lambda f: not f["pruned"])
     return files[0] if files else None
 
@@ -86,7 +89,7 @@ def model_row(pipeline_dir, name):
     be = _read(os.path.join(wd, "bench.json"))
     metrics = workdir_lib.read_metrics(wd)
     noisy, det = _deploy_file(ex, True), _deploy_file(ex, False)
-    shipped = noisy or det  # a sigma = 0 model has only noise-off files
+    shipped = det or noisy
     sp = ev["sparsity"]["overall"] if ev else {}
     return {
         "model": name,
