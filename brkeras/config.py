@@ -93,6 +93,9 @@ def base_config():
     # lose at most 1 point of accuracy.
     c.export.min_agreement_full_int8 = 0.95
     c.export.max_accuracy_drop_full_int8 = 0.01
+    # Formats whose failed parity check drops the file (listed in export.json
+    # under "dropped", with the reason) instead of failing the whole export.
+    c.export.optional_formats = ()
 
     c.bench = ml_collections.ConfigDict()
     c.bench.threads = (1, 2)

@@ -322,8 +322,13 @@ def fix_quantized_weights(tflite_bytes, float_bytes, quantized):
         kk = (kf * kf).sum(1)
         u = np.where(kk > 0, (f.reshape(c, -1) * kf).sum(1) / np.maximum(kk, 1), 0.0)
         old_s = np.broadcast_to(np.asarray(w["scales"], np.float64), (c,))
-        # An all-zero channel keeps the converter's scale (any scale is exact for 0).
-        new_s = np.where(u != 0, np.abs(u) / m, old_s).astype(np.float32)
+        # Any scale is exact for an all-zero channel, but not the converter's: it
+        # gives such channels a scale near 1e-9, whose requantization multiplier
+        # TFLite's int8 kernels cannot represent (a ternary stem with zero filters
+        # fell to 40% accuracy). Use the median scale of the other channels.
+        live = np.abs(u[u != 0]) / m
+        fallback = np.median(live) if live.size else np.maximum(old_s, 1.0 / 127)
+        new_s = np.where(u != 0, np.abs(u) / m, fallback).astype(np.float32)
         new_q = (k * m * np.sign(u).reshape([-1] + [1] * (k.ndim - 1))).astype(np.int8)
         t = sg.tensors[w["tensor"]]
         put(w["tensor"], new_q)
@@ -570,9 +575,12 @@ def quantized_from_model(model, layer_names, kmax):
 
 def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
                  formats=FORMATS, pruned=False, min_agreement=0.995, noise_runs=3,
-                 noise_examples=200, fresh_noise_seed=True, deploy=None):
+                 noise_examples=200, fresh_noise_seed=True, deploy=None, optional=(),
+                 dropped=None):
     """Converts `model`, fixes and checks exact weights, checks parity, writes files.
 
+    optional: formats whose failed parity check drops that file (appended, with
+    the reason, to the list `dropped`) instead of failing the export.
     quantized: {layer: (Q(w) kernel, K)} (may be empty for a float model).
     fresh_noise_seed: zero the random ops' seeds (see unseed_random_ops).
     deploy: the Keras model to convert (default `model`; export() passes
@@ -598,14 +606,24 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
         path = os.path.join(out_dir, f"{stem}_{fmt}.tflite")
         with open(path, "wb") as fh:
             fh.write(b)
-        if noise:
-            n = min(noise_examples, len(x_test))
-            par = parity_stochastic(path, model, x_test[:n], y_test[:n], runs=noise_runs)
-        else:
-            par = parity_deterministic(
-                path, model, x_test, y_test, agreement_bar(min_agreement, fmt),
-                max_accuracy_drop=agreement_bar(min_agreement, "max_accuracy_drop")
-                if fmt == "full_int8" and isinstance(min_agreement, dict) else None)
+        try:
+            if noise:
+                n = min(noise_examples, len(x_test))
+                par = parity_stochastic(path, model, x_test[:n], y_test[:n], runs=noise_runs)
+            else:
+                par = parity_deterministic(
+                    path, model, x_test, y_test, agreement_bar(min_agreement, fmt),
+                    max_accuracy_drop=agreement_bar(min_agreement, "max_accuracy_drop")
+                    if fmt == "full_int8" and isinstance(min_agreement, dict) else None)
+        except ParityError as e:
+            if fmt not in optional:
+                raise
+            os.remove(path)
+            if dropped is not None:
+                dropped.append(dict(file=os.path.basename(path), format=fmt, noise=bool(noise),
+                                    pruned=bool(pruned), reason=str(e)))
+            print(f"[export] WARNING: dropped {os.path.basename(path)}: {e}", flush=True)
+            continue
         entries.append(dict(file=os.path.basename(path), format=fmt, size_bytes=len(b),
                             noise=bool(noise), pruned=bool(pruned), weights=wcheck,
                             batch=deploy.inputs[0].shape[0],
@@ -769,7 +787,8 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
     tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=workdir)
     try:
         out_dir = os.path.join(tmp, "export")
-        entries, prune_reports = [], {}
+        entries, prune_reports, dropped = [], {}, []
+        optional = tuple(config.export.get("optional_formats", ()))
         for noise in (True, False):
             if noise and config.model.sigma == 0:
                 continue
@@ -794,15 +813,17 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
                 stem = tag + ("_pruned" if pruned else "")
                 entries_for = export_model(m, out_dir, stem, quant, x_rep, x_test, y_test, noise,
                                            noisy_formats(formats) if noise else formats,
-                                           pruned, min_agreement, noise_runs,
-                                           noise_examples, deploy=deploy_model(m) if noise else None)
+                                           pruned, min_agreement, noise_runs, noise_examples,
+                                           deploy=deploy_model(m) if noise else None,
+                                           optional=optional, dropped=dropped)
                 sp = _sparsity_of({k: v[0] for k, v in quant.items()}) if quant else None
                 for e in entries_for:
                     e["sparsity"] = sp
                     e["quantization"] = dict(precision=precision, max_level=kmax)
                 entries.extend(entries_for)
         result = dict(workdir=os.path.abspath(workdir), files=entries, pruning=prune_reports,
-                      min_agreement=min_agreement["float32"], parity_bars=min_agreement)
+                      min_agreement=min_agreement["float32"], parity_bars=min_agreement,
+                      dropped=dropped)
         workdir_lib.write_json(os.path.join(tmp, "export.json"), result)
         _install(tmp, workdir)
     finally:

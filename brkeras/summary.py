@@ -48,6 +48,7 @@ ROW_KEYS = {
     "tflite_bytes": "its size in bytes",
     "latency_ms_noise": "LiteRT median latency of the noisy int8 deploy, 1 thread (ms)",
     "latency_ms_no_noise": "the same for the noise-off int8 file (ms)",
+    "tflite_dropped": "files the export dropped after a failed parity check (optional formats)",
 }
 
 
@@ -112,6 +113,7 @@ def model_row(pipeline_dir, name):
         "tflite_bytes": shipped["size_bytes"] if shipped else None,
         "latency_ms_noise": _latency(be, noisy and noisy["file"]),
         "latency_ms_no_noise": _latency(be, det and det["file"]),
+        "tflite_dropped": [d["file"] for d in ex.get("dropped", [])] if ex else [],
     }
 
 
@@ -134,6 +136,11 @@ def markdown(rows):
     text = table + "\n\n" + legend + "\n"
     text += ("\nSanity checks that failed:\n" + "\n".join(warnings) + "\n" if warnings
              else "\nAll sanity checks held.\n")
+    dropped = [f"- {r['model']}: {', '.join(r['tflite_dropped'])}" for r in rows
+               if r.get("tflite_dropped")]
+    if dropped:
+        text += ("\nTFLite files dropped after a failed parity check (reasons in the model's "
+                 "export.json):\n" + "\n".join(dropped) + "\n")
     return text
 
 

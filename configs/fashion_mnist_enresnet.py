@@ -61,6 +61,9 @@ def get_config(arg=None):
 
     c.export.representative_examples = 200
     c.export.parity_examples = 1000
+    # Per-tensor int8 activations broke one ternary model here (accuracy 81% -> 40%):
+    # such a file is dropped with its reason in export.json, the rest still ships.
+    c.export.optional_formats = ("full_int8",)
     c.bench.runs = 200
 
     c.pipeline.finetune.from_model = "float,tradeoff"
