@@ -69,9 +69,12 @@ def _deploy_file(export, noise):
     QAT model's own int8 file."""
     if not export:
         return None
-    wanted = ("dynamic_int8", "qat_int8") if noise else ("full_int8", "qat_int8")
+    # in order of preference; noise off falls back to dynamic int8 when full int8
+    # was not exported (or was dropped by its parity check)
+    wanted = (("dynamic_int8", "qat_int8") if noise
+              else ("full_int8", "qat_int8", "dynamic_int8"))
     files = [f for f in export["files"] if f["noise"] == noise and f["format"] in wanted]
-    files.sort(key=lambda f: not f["pruned"])
+    files.sort(key=lambda f: (wanted.index(f["format"]), not f["pruned"]))
     return files[0] if files else None
 
 

@@ -16,14 +16,17 @@ The pipeline trains the float model first and fine-tunes every other model from
 it (pipeline.finetune: 3 epochs of 20,000 images, Binary-Relax phase I for the
 first epoch with lam growing per step to 10, exact Q(w) after).
 
-Cost and result on 2 CPU cores (2026-11-27, single runs, 500 test images,
-expected prediction under PGD-20 with EOT over 4 draws):
-  float from scratch, about 2.5 min:        84.8% natural, 71.8% PGD-20 EOT
-  4-bit fine-tuned from it, about 1 min:    85.2% natural, 72.6% PGD-20 EOT
-  ternary fine-tuned from it, about 1 min:  81.8% natural, 64.8% PGD-20 EOT
-The full pipeline figures are in README.md. Longer runs: --config.optim.epochs
-and --config.data.max_train_examples=0 (all 60,000) approach the reference's
-90.9% / 68.1% (Madry-style PGD training, SPEC 6).
+Cost and result on 2 CPU cores (2026-11-27, `make run`, 1000 test images,
+expected prediction over 4 noise draws, PGD-20 with EOT gradients):
+  float from scratch, 2.3 min:          85.1% natural, 73.1% PGD-20 EOT
+  4-bit fine-tuned from it, 1 min:      84.4% natural, 72.6% PGD-20 EOT
+  ternary fine-tuned from it, 1 min:    81.7% natural, 64.8% PGD-20 EOT
+  tfmot 8-bit QAT from it, 2.2 min:     84.9% natural, 72.9% PGD-20 EOT
+The full pipeline figures are in README.md. The reference's 90.9% / 68.1%
+(Madry-style PGD training, SPEC 6) needs longer runs, e.g.
+--config.optim.epochs=30 --config.optim.milestones='(20,25)'
+--config.data.max_train_examples=0 --config.adv.steps=10 --config.adv.eps_iter=0.02;
+that has not been measured here.
 """
 
 from brkeras import config as config_lib

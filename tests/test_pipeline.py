@@ -168,7 +168,7 @@ def test_summary_json(pipe):
         for key in ("natural", "fgsm", "ifgsm20", "pgd20", "pgd20_eot", "cw", "zero_share"):
             assert 0 <= r[key] <= 1
         assert r["epochs"] == 1 and r["n_test"] == 32
-        assert r["tflite_file"] == "noisy_dynamic_int8.tflite"
+        assert r["tflite_file"] == "det_dynamic_int8.tflite"  # no full int8 exported here
         assert r["tflite_bytes"] == os.path.getsize(
             os.path.join(pipe["dir"], r["model"], "export", r["tflite_file"]))
         assert isinstance(r["sanity_failed"], list)
