@@ -101,8 +101,10 @@ def _ce_sum(logits, y):
     return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
 
-def _eot_grad(model_fn, x, y, n, targeted):
-    """(1/n) sum_k d/dx [+-] sum_i CE(model_fn_k(x)_i, y_i), and the mean logits.
+def _eot_grad(model_fn, x, y, n, targeted, loss_fn=None):
+    """(1/n) sum_k d/dx [+-] sum_i L(y_i, model_fn_k(x)_i), and the mean logits.
+
+    L is the cross-entropy, or `loss_fn` (per-example) when given.
 
     Each of the n calls of model_fn draws its own noise; the loop is a
     tf.while_loop so the graph holds one copy of the model whatever n is.
@@ -113,7 +115,8 @@ def _eot_grad(model_fn, x, y, n, targeted):
         with tf.GradientTape() as tape:
             tape.watch(x)
             logits = tf.cast(model_fn(x), tf.float32)
-            loss = sign * _ce_sum(logits, y)
+            loss = sign * (_ce_sum(logits, y) if loss_fn is None
+                           else tf.reduce_sum(loss_fn(y, logits)))
         return g + tape.gradient(loss, x), z + logits
 
     g0, z0 = one(tf.zeros_like(x), 0.0)
@@ -168,7 +171,7 @@ def _fgsm_core(model_fn, x, y, eps, clip_min, clip_max, eot, norm, targeted):
 
 
 def _pgd_once(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax,
-              norm, rand_init):
+              norm, rand_init, loss_fn=None):
     if rand_init:
         eta = _project(_random_start(x, norm, rand_minmax), norm, eps)
     else:
@@ -176,7 +179,7 @@ def _pgd_once(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, r
     x_adv = tf.clip_by_value(x + eta, clip_min, clip_max)
 
     def body(i, xa):
-        g, _ = _eot_grad(model_fn, xa, y, eot, False)
+        g, _ = _eot_grad(model_fn, xa, y, eot, False, loss_fn)
         d = _linf_step(g, eps_iter) if norm == np.inf else eps_iter * _l2_normalise(g)
         xa = x + _project(xa + d - x, norm, eps)
         return i + 1, tf.clip_by_value(xa, clip_min, clip_max)
@@ -198,9 +201,10 @@ def _score(model_fn, x, y, eot):
 
 
 def _pgd_core(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax,
-              restarts, norm, rand_init):
-    y = _labels(model_fn, x, y)
-    args = (eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax, norm, rand_init)
+              restarts, norm, rand_init, loss_fn=None):
+    y = _labels(model_fn, x, y) if loss_fn is None else y  # a custom loss takes y as given
+    args = (eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax, norm, rand_init,
+            loss_fn)
     best = _pgd_once(model_fn, x, y, *args)
     if restarts is None:  # statically one run
         return tf.stop_gradient(best)
@@ -359,8 +363,13 @@ def fgsm(model_fn, x, eps, norm=np.inf, clip_min=0., clip_max=1., y=None, target
 
 
 def pgd(model_fn, x, eps, eps_iter, nb_iter, norm=np.inf, clip_min=0., clip_max=1., y=None,
-        rand_init=True, rand_minmax=None, restarts=1, eot_samples=1):
+        rand_init=True, rand_minmax=None, restarts=1, eot_samples=1, loss_fn=None):
     """Projected gradient descent (Madry et al.), untargeted, with restarts and EOT.
+
+    loss_fn: a per-example loss `loss_fn(y, logits) -> [B]` to ascend instead of
+    the cross-entropy, with `y` passed to it as given (e.g. TRADES' KL(f(x) || f(x'))
+    with y = the natural logits); it needs y and restarts=1. Keep one function
+    object (a module-level function): it is part of the cache key.
 
     x_0 = clip(x + P(eta_0)), eta_0 ~ U[-r, r]^d (L-inf) or U(L2 ball of radius r),
     r = rand_minmax (default eps), eta_0 = 0 if not rand_init; then nb_iter times
@@ -385,8 +394,11 @@ def pgd(model_fn, x, eps, eps_iter, nb_iter, norm=np.inf, clip_min=0., clip_max=
     if rand_minmax is None:
         rand_minmax = eps
     _check_nonneg("rand_minmax", rand_minmax)
+    if loss_fn is not None and (y is None or r != 1 or not callable(loss_fn)):
+        raise ValueError("loss_fn needs a callable loss_fn(y, logits), the y it compares "
+                         "against, and restarts=1 (restarts are judged by misclassification)")
     x = _f(x)
-    static = dict(norm=norm, rand_init=bool(rand_init))
+    static = dict(norm=norm, rand_init=bool(rand_init), loss_fn=loss_fn)
     return _run(_pgd_core, static, model_fn,
                 (x, _y(y), _f(eps), _f(eps_iter), _i(nb_iter), _f(clip_min), _f(clip_max),
                  _n(eot_samples), _f(rand_minmax), _n(restarts)))

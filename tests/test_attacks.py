@@ -308,3 +308,22 @@ def test_eot_reduces_gradient_variance():
     v16 = d16.var(0).sum(-1).mean()
     assert v1 > 0.05  # the noise matters for one draw
     assert v16 < v1 / 4, (v1, v16)  # ~1/16 for independent draws
+
+
+def test_pgd_with_a_custom_loss_ascends_it_within_the_ball():
+    """loss_fn (here TRADES' KL to the natural logits) replaces the cross-entropy."""
+    from brkeras import losses  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(3)
+    w = tf.constant(rng.normal(size=(12, 3)).astype(np.float32))
+    model_fn = lambda z: tf.matmul(tf.reshape(z, [-1, 12]), w)  # noqa: E731
+    x = tf.constant(rng.uniform(0.2, 0.8, size=(16, 12)).astype(np.float32))
+    p = model_fn(x)
+    x_adv = attacks.pgd(model_fn, x, 0.1, 0.02, 10, y=p, rand_minmax=0.001,
+                        loss_fn=losses.kl_divergence).numpy()
+    assert np.abs(x_adv - x.numpy()).max() <= 0.1 + 1e-6
+    kl = losses.kl_divergence(p, model_fn(tf.constant(x_adv))).numpy()
+    assert kl.mean() > 1e-3  # moved away from the natural prediction
+    with pytest.raises(ValueError, match="loss_fn"):
+        attacks.pgd(model_fn, x, 0.1, 0.02, 10, loss_fn=losses.kl_divergence)  # no y
+    with pytest.raises(ValueError, match="restarts=1"):
+        attacks.pgd(model_fn, x, 0.1, 0.02, 10, y=p, restarts=2, loss_fn=losses.kl_divergence)
