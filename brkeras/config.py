@@ -37,6 +37,9 @@ def base_config():
     c.quant.bits = 4  # for "kbit"
     c.quant.per_channel = False  # one scale per layer (ref) or per output channel
     c.quant.layers = ("conv3x3",)  # layer kinds to quantize (quantize.LAYER_KINDS)
+    # Regexes (re.search) on layer names kept float although of a quantized kind,
+    # e.g. ("conv0$",) for the stem, as the reference's commented-out `'conv0' not in n`.
+    c.quant.keep_float = ()
     c.quant.lam0 = 1.0
     c.quant.rho = 1.05  # lam *= rho once per epoch (paper's code; 1.04 in the BR demo)
     c.quant.lam_per_step = False  # True: the same curve lam0*rho^(epoch+step/steps), per step

@@ -18,6 +18,7 @@ empty registry) keeps tfmot from adding fake-quant ops anywhere else.
 """
 
 import contextlib
+import re
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -180,6 +181,23 @@ def _check_layers(layers):
     return layers
 
 
+def _keep_float_patterns(patterns):
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"config.quant.keep_float has the invalid regex {pattern!r}: {e}; "
+                             "give layer-name patterns such as 'conv0$'") from None
+    return patterns
+
+
+def _kept_float(name, patterns):
+    return any(re.search(p, name) for p in patterns)
+
+
 def quantize_model(model, quant_cfg):
     """Returns the model to train at precision `quant_cfg.precision`.
 
@@ -198,6 +216,7 @@ def quantize_model(model, quant_cfg):
         raise ValueError(f"config.quant.precision={precision!r}; choose one of "
                          f"{('float', 'int8_qat') + BR_PRECISIONS}")
     kinds = _check_layers(quant_cfg.layers)
+    keep_float = _keep_float_patterns(quant_cfg.get("keep_float", ()))
     bits = int(quant_cfg.get("bits", 4))
     per_channel = bool(quant_cfg.get("per_channel", False))
     quantizers.get(precision, bits=bits, per_channel=per_channel)  # validates early
@@ -205,14 +224,16 @@ def quantize_model(model, quant_cfg):
 
     def annotate(layer):
         # Wrap the original layer object: its weights carry over to quantize_apply.
-        if layer_kind(layer) in kinds:
+        if layer_kind(layer) in kinds and not _kept_float(layer.name, keep_float):
             return _qk.quantize_annotate_layer(layer, quantize_config=config)
         return layer
 
-    if not any(layer_kind(l) in kinds for l in model.layers):
-        raise ValueError(f"the model has no layer of the kinds {kinds} to quantize; "
-                         f"config.quant.layers must name kinds present in the model "
-                         f"(known kinds: {tuple(LAYER_KINDS)})")
+    if not any(layer_kind(l) in kinds and not _kept_float(l.name, keep_float)
+               for l in model.layers):
+        raise ValueError(f"the model has no layer of the kinds {kinds} to quantize "
+                         f"outside config.quant.keep_float={keep_float}; config.quant.layers "
+                         f"must name kinds present in the model (known kinds: "
+                         f"{tuple(LAYER_KINDS)})")
     with custom_object_scope():
         annotated = keras.models.clone_model(model, clone_function=annotate)
         return _qk.quantize_apply(annotated, scheme=WeightOnlyScheme())

@@ -109,6 +109,23 @@ def test_only_annotated_layers_are_wrapped():
     assert quantize.quantize_model(model, qcfg("float")) is model
 
 
+def test_keep_float_leaves_named_layers_float():
+    model = tiny_resnet()
+    c = qcfg()
+    c.keep_float = ("conv0$",)
+    q = quantize.quantize_model(model, c)
+    assert wrapped_names(q) == ["m0_s1_b0_conv1", "m0_s1_b0_conv2"]
+    stem = q.get_layer("m0_conv0")
+    assert type(stem).__name__ == "Conv2D"
+    np.testing.assert_array_equal(stem.kernel.numpy(), model.get_layer("m0_conv0").kernel.numpy())
+    with pytest.raises(ValueError, match="invalid regex"):
+        c.keep_float = ("conv0(",)
+        quantize.quantize_model(model, c)
+    with pytest.raises(ValueError, match="outside config.quant.keep_float"):
+        c.keep_float = ("conv",)
+        quantize.quantize_model(model, c)
+
+
 def test_validation():
     model = tiny_resnet()
     with pytest.raises(ValueError, match="conv1x1"):
