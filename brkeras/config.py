@@ -67,6 +67,10 @@ def base_config():
     c.optim.weight_decay = 5e-4  # L2 added to the gradient of the float weights
     c.optim.milestones = (80, 120, 160)  # lr *= gamma at these epochs
     c.optim.gamma = 0.1
+    # After the last epoch, replace BatchNorm's moving statistics by the mean batch
+    # statistics of the final weights over this many training batches (0 = off, the
+    # reference). Undoes the damage of quantized weights flipping levels (batchnorm.py).
+    c.optim.bn_reestimate_batches = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 1000
@@ -145,6 +149,8 @@ def validate(c):
     need(c.model.noise_pool >= 1, "config.model.noise_pool must be >= 1")
     need(c.optim.epochs >= 1, "config.optim.epochs must be >= 1")
     need(c.optim.batch_size >= 1, "config.optim.batch_size must be >= 1")
+    need(c.optim.get("bn_reestimate_batches", 0) >= 0,
+         "config.optim.bn_reestimate_batches must be >= 0 (0 = off)")
     need(0 <= c.adv.eps_iter and 0 <= c.adv.eps <= 1,
          "config.adv.eps must be in [0, 1] and eps_iter >= 0")
     need(c.adv.steps >= 0, "config.adv.steps must be >= 0")

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from brkeras import attacks
+from brkeras import batchnorm
 from brkeras import config as config_lib
 from brkeras import data
 from brkeras import losses
@@ -335,6 +336,35 @@ def train_dataset(config):
     return ds.with_options(options)
 
 
+BN_REPORT = "batchnorm.json"
+
+
+def reestimate_batchnorm(trainer, config, num_batches):
+    """`batchnorm.reestimate` on the inputs the training loss sees.
+
+    num_batches training batches (a seeded shuffle of the run's data), each as
+    its adversarial examples, crafted as in training, and, for a loss with a
+    natural term, as itself. Returns the re-estimation report.
+    """
+    ds = data.load(config.data.name, "train", batch_size=config.optim.batch_size,
+                   augment=config.data.augment, shuffle=True,
+                   max_examples=config.data.max_train_examples,
+                   data_dir=config.data.data_dir, seed=config.seed + 1, repeat=True)
+    craft = tf.function(lambda x, y: trainer.adversarial_examples(x, y, training=True))
+    spec = trainer.loss_spec
+    with_natural = spec.attack is None or spec.needs_natural
+
+    def inputs():
+        for x, y in ds.take(num_batches):
+            if spec.attack is not None:
+                yield craft(x, y)
+            if with_natural:
+                yield x
+
+    report = batchnorm.reestimate(trainer.net, inputs())
+    return {"training_batches": int(num_batches), **report}
+
+
 def _checkpoint(net, optimizer, epoch_var):
     return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var)
 
@@ -405,6 +435,18 @@ def train(config, workdir, overwrite=False, verbose=1):
         trainer.fit(train_ds, epochs=config.optim.epochs, initial_epoch=initial_epoch,
                     steps_per_epoch=steps if config.optim.steps_per_epoch else None,
                     callbacks=callbacks, verbose=verbose)
+    n_bn = int(config.optim.get("bn_reestimate_batches", 0))
+    if n_bn:
+        # Idempotent: a kill before state.json says finished redoes it on resume.
+        report = reestimate_batchnorm(trainer, config, n_bn)
+        manager.save(checkpoint_number=config.optim.epochs)
+        if chief:
+            workdir_lib.write_json(os.path.join(workdir, BN_REPORT), report)
+        if verbose:
+            worst = max(report["layers"].values(), key=lambda r: r["variance_ratio"])
+            print(f"[train] BatchNorm statistics re-estimated on {n_bn} batches "
+                  f"(largest moving-variance error x{worst['variance_ratio']:.2f}, "
+                  f"see {BN_REPORT})", flush=True)
     if chief:
         workdir_lib.write_state(workdir, config.optim.epochs, finished=True)
         return workdir_lib.read_metrics(workdir)

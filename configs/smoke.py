@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.optim.batch_size = 64
     c.optim.lr = 0.05
     c.optim.milestones = (1,)
+    c.optim.bn_reestimate_batches = 2
 
     c.quant.phase2_fraction = 0.5
 

@@ -130,6 +130,38 @@ def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path, monkeypatch
     assert iterations and ckpt.get_tensor(iterations[0]) == 2 * 4  # 2 epochs of 4 steps
 
 
+def test_batchnorm_reestimation_is_saved_and_redone_after_a_kill(tmp_path, monkeypatch):
+    wd = str(tmp_path / "run")
+    original = training.batchnorm.reestimate
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during re-estimation")
+
+    monkeypatch.setattr(training.batchnorm, "reestimate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(smoke_config(), wd, verbose=0)
+    # All epochs are checkpointed, but the run is not finished without it.
+    assert workdir_lib.read_state(wd) == {"completed_epochs": 2, "finished": False}
+    assert not os.path.exists(os.path.join(wd, training.BN_REPORT))
+    set_stats = []
+
+    def counted(net, batches):
+        report = original(net, batches)
+        set_stats.append(net.get_layer("m0_s1_b0_bn1").moving_mean.numpy().copy())
+        return report
+
+    monkeypatch.setattr(training.batchnorm, "reestimate", counted)
+    rows = training.train(smoke_config(), wd, verbose=0)
+    assert [r["epoch"] for r in rows] == [1, 2] and len(set_stats) == 1
+    assert workdir_lib.read_state(wd)["finished"] is True
+    report = json.load(open(os.path.join(wd, training.BN_REPORT)))
+    # 2 training batches (smoke config), each adversarial and natural (trade-off loss).
+    assert report["training_batches"] == 2 and report["input_batches"] == 4
+    # The checkpoint holds the re-estimated statistics.
+    loaded = training.load(wd).get_layer("m0_s1_b0_bn1").moving_mean.numpy()
+    np.testing.assert_array_equal(loaded, set_stats[0])
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     wd = str(tmp_path / "run")
     with pytest.raises(errors.NonFiniteLossError, match="last good checkpoint"):
@@ -170,6 +202,7 @@ from brkeras import training, quantize
 from configs import smoke
 c = smoke.get_config("ternary,tradeoff")
 c.strategy = "mirrored"
+assert c.optim.bn_reestimate_batches > 0  # BatchNorm re-estimation under the strategy too
 rows = training.train(c, {str(tmp_path / 'run')!r}, verbose=0)
 net = training.load({str(tmp_path / 'run')!r})
 assert [r["epoch"] for r in rows] == [1, 2], rows
