@@ -388,7 +388,10 @@ def train(config, workdir, overwrite=False, verbose=1):
     keras.utils.set_random_seed(config.seed)
 
     info = data.info(config.data.name)
-    init_weights = initial_weights(config)
+    # A resumed run restores every weight from its checkpoint: skip the source run.
+    resuming = any(tf.train.latest_checkpoint(os.path.join(d, workdir_lib.CKPT))
+                   for d in {write_dir, workdir})
+    init_weights = None if resuming else initial_weights(config)
     train_ds = train_dataset(config)
     n_train = len(data.load_arrays(config.data.name, "train", config.data.max_train_examples,
                                    config.data.data_dir)[1])
@@ -437,7 +440,8 @@ def train(config, workdir, overwrite=False, verbose=1):
                     callbacks=callbacks, verbose=verbose)
     n_bn = int(config.optim.get("bn_reestimate_batches", 0))
     if n_bn:
-        # Idempotent: a kill before state.json says finished redoes it on resume.
+        # Computed from the final weights alone: a kill before state.json says
+        # finished just redoes it on resume.
         report = reestimate_batchnorm(trainer, config, n_bn)
         manager.save(checkpoint_number=config.optim.epochs)
         if chief:

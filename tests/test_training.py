@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,8 +23,11 @@ from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
 def smoke_config(arg="ternary,tradeoff", **fields):
     c = smoke.get_config(arg)
     for key, value in fields.items():
-        section, name = key.split("__")
-        c[section][name] = value
+        if "__" in key:
+            section, name = key.split("__")
+            c[section][name] = value
+        else:
+            c[key] = value
     return c
 
 
@@ -160,6 +164,38 @@ def test_batchnorm_reestimation_is_saved_and_redone_after_a_kill(tmp_path, monke
     # The checkpoint holds the re-estimated statistics.
     loaded = training.load(wd).get_layer("m0_s1_b0_bn1").moving_mean.numpy()
     np.testing.assert_array_equal(loaded, set_stats[0])
+
+
+def test_fine_tune_starts_from_the_source_and_resumes_without_it(tmp_path, monkeypatch):
+    source, wd = str(tmp_path / "float"), str(tmp_path / "ternary")
+    training.train(smoke_config("float,tradeoff", optim__epochs=1), source, verbose=0)
+    source_kernel = training.load(source).get_layer("m0_conv0").kernel.numpy()
+    original = training.EpochLogger.on_epoch_end
+    built_from = []
+
+    def killed_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        raise KeyboardInterrupt("killed")
+
+    def capture(config, input_shape, num_classes, init_weights=None):
+        net = build(config, input_shape, num_classes, init_weights)
+        built_from.append(init_weights)
+        return net
+
+    build = training.build_network
+    monkeypatch.setattr(training, "build_network", capture)
+    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(smoke_config(init_from=source), wd, verbose=0)
+    # Two builds: the source's (training.load, inside initial_weights), then the run's.
+    assert len(built_from) == 2
+    assert any(w.shape == source_kernel.shape and np.array_equal(w, source_kernel)
+               for w in built_from[1])
+    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", original)
+    shutil.rmtree(source)  # the resume must not need the source any more
+    rows = training.train(smoke_config(init_from=source), wd, verbose=0)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert len(built_from) == 3 and built_from[2] is None  # built once, not from the source
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
