@@ -49,7 +49,6 @@ from brkeras._keras import keras, tf
 ATTACKS = ("fgsm", "ifgsm20", "pgd20", "cw")
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
-PLOTS = "plots"
 
 
 def attack_settings(name, cfg, eps):

@@ -36,6 +36,7 @@ import weakref
 import numpy as np
 
 from brkeras import layers as layers_lib
+from brkeras import sparsity
 from brkeras.errors import BrkerasError
 from brkeras._keras import keras, tf
 from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E402
@@ -499,13 +500,14 @@ def agreement_bar(min_agreement, fmt):
 
 
 def parity_deterministic(tflite, model, x, y=None, min_agreement=0.995, batch_size=50,
-                         max_accuracy_drop=None):
+                         max_accuracy_drop=None, keras_out=None):
     """Noise-off parity: top-1 agreement and max |logit difference|; raises ParityError.
 
     agreement = mean(argmax tflite == argmax keras) must be >= min_agreement; with
     max_accuracy_drop (and labels y), acc_keras - acc_tflite must be <= it too.
+    keras_out: the model's logits on x if already computed (the model is deterministic).
     """
-    lk = keras_logits(model, x, batch_size)
+    lk = keras_logits(model, x, batch_size) if keras_out is None else keras_out
     lt = tflite_logits(tflite, x, batch_size)
     agree = float(np.mean(lk.argmax(1) == lt.argmax(1)))
     out = dict(examples=int(len(x)), top1_agreement=agree,
@@ -591,6 +593,7 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
     os.makedirs(out_dir, exist_ok=True)
     deploy = model if deploy is None else deploy
     f32 = convert(deploy, "float32")
+    keras_out = None if noise or not formats else keras_logits(model, x_test, 50)  # all formats
     entries = []
     for fmt in formats:
         b = f32 if fmt == "float32" else convert(deploy, fmt, x_rep)
@@ -614,7 +617,8 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
                 par = parity_deterministic(
                     path, model, x_test, y_test, agreement_bar(min_agreement, fmt),
                     max_accuracy_drop=agreement_bar(min_agreement, "max_accuracy_drop")
-                    if fmt == "full_int8" and isinstance(min_agreement, dict) else None)
+                    if fmt == "full_int8" and isinstance(min_agreement, dict) else None,
+                    keras_out=keras_out)
         except ParityError as e:
             if fmt not in optional:
                 raise
@@ -630,14 +634,6 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
                             random_ops=random_op_seeds(b),
                             storage=storage_summary(b), parity=par))
     return entries
-
-
-def _sparsity_of(kernels):
-    try:
-        from brkeras import sparsity  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return None
-    return sparsity.report(kernels)
 
 
 def _with_sigma(config, sigma):
@@ -816,7 +812,7 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
                                            pruned, min_agreement, noise_runs, noise_examples,
                                            deploy=deploy_model(m) if noise else None,
                                            optional=optional, dropped=dropped)
-                sp = _sparsity_of({k: v[0] for k, v in quant.items()}) if quant else None
+                sp = sparsity.report({k: v[0] for k, v in quant.items()}) if quant else None
                 for e in entries_for:
                     e["sparsity"] = sp
                     e["quantization"] = dict(precision=precision, max_level=kmax)

@@ -71,6 +71,12 @@ def pool_layout(n, pool):
     return q, (per + q - 1) // q
 
 
+def _pooled(z, rows, cols, n):
+    """flatten(z * rows * cols)[:n]: the pool z [1, Q, R] under the signs rows
+    [k, Q, 1] and cols [k, 1, R]; shared by training (scaled_noise) and deploy."""
+    return tf.reshape(z * rows * cols, [-1])[:n]
+
+
 def scaled_noise(shape, scale, pool):
     """scale * n with n ~ N(0, 1) per element, drawn as the module docstring says.
 
@@ -85,8 +91,7 @@ def scaled_noise(shape, scale, pool):
     z = scale * tf.random.normal(tf.stack([1, q, r]))  # the pool, scaled: [1, Q, R]
     rows = random_signs(tf.stack([pool, q, 1]))
     cols = random_signs(tf.stack([pool, 1, r]))
-    noise = z * rows * cols  # [k, Q, R]
-    return tf.reshape(tf.reshape(noise, [-1])[:n], shape)
+    return tf.reshape(_pooled(z, rows, cols, n), shape)
 
 
 def feynman_kac_noise(x, sigma=0.1, pool=8):
@@ -175,12 +180,9 @@ def bank_noise(sizes, pool):
     z = tf.split(tf.random.normal([sum(q * r for q, r in lay)]), [q * r for q, r in lay])
     s = random_signs([sum(pool * (q + r) for q, r in lay)])
     s = tf.split(s, [d for q, r in lay for d in (pool * q, pool * r)])
-    out = []
-    for i, (n, (q, r)) in enumerate(zip(sizes, lay)):
-        noise = (tf.reshape(z[i], [1, q, r]) * tf.reshape(s[2 * i], [pool, q, 1])
-                 * tf.reshape(s[2 * i + 1], [pool, 1, r]))
-        out.append(tf.reshape(noise, [-1])[:n])
-    return out
+    return [_pooled(tf.reshape(z[i], [1, q, r]), tf.reshape(s[2 * i], [pool, q, 1]),
+                    tf.reshape(s[2 * i + 1], [pool, 1, r]), n)
+            for i, (n, (q, r)) in enumerate(zip(sizes, lay))]
 
 
 class NoiseBank(keras.layers.Layer):

@@ -66,6 +66,11 @@ class Loss:
     def needs_natural(self) -> bool:
         return self.name != "pgd"
 
+    @property
+    def second_forward(self) -> bool:
+        """True if the step needs f(x) besides f(x_adv) (tradeoff, trades)."""
+        return self.attack is not None and self.needs_natural
+
     def __call__(self, y, logits_nat, logits_adv):
         if self.name == "natural":
             return natural_loss(y, logits_nat)

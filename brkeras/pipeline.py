@@ -27,7 +27,6 @@ STAGES = {
     "export": ("export", "export", "export.json", "train"),
     "benchmark": ("benchmark", "benchmark", "bench.json", "export"),
 }
-STAGE_SECTIONS = workdir_lib.STAGE_SECTIONS
 
 
 def model_dir_name(arg):
@@ -82,15 +81,6 @@ def _stage_fn(stage):
     return getattr(importlib.import_module(f"brkeras.{module}"), fn)
 
 
-def _training_diff(workdir, c):
-    """Differences of the stored config of `workdir` with `c` that need a new training."""
-    path = os.path.join(workdir, workdir_lib.CONFIG)
-    if not os.path.exists(path):
-        return []
-    return workdir_lib.config_diff(workdir_lib.read_json(path), workdir_lib.config_to_dict(c),
-                                   ignore=STAGE_SECTIONS)
-
-
 def _check(config, pipeline_dir=None):
     """Validates the pipeline section; returns [(arg, model config, dir name)]."""
     config_lib.validate(config)
@@ -127,7 +117,7 @@ def run(config, pipeline_dir, overwrite=False):
     failures = []
     for i, (arg, c, name) in enumerate(models, 1):
         workdir = os.path.join(pipeline_dir, name)
-        diff = _training_diff(workdir, c)
+        diff = workdir_lib.training_diff(workdir, c)
         if diff and not overwrite:
             raise errors.WorkdirError(
                 f"{workdir} holds a run of a different config:\n  " + "\n  ".join(diff)

@@ -337,11 +337,6 @@ def br_state(model):
     return float(qvars["br_lam"].numpy()), bool(qvars["br_exact"].numpy() >= 0.5)
 
 
-def br_lambda(epoch, lam0, rho):
-    """lam at `epoch` (0-based): lam0 * rho**epoch."""
-    return float(lam0) * float(rho)**int(epoch)
-
-
 class BinaryRelaxSchedule(keras.callbacks.Callback):
     """Sets lam = lam0 * rho**epoch and phase II from `phase2_epoch` on.
 
@@ -360,11 +355,16 @@ class BinaryRelaxSchedule(keras.callbacks.Callback):
         self.lam0, self.rho, self.phase2_epoch = float(lam0), float(rho), int(phase2_epoch)
         self.steps_per_epoch = int(steps_per_epoch)
         self._epoch = 0
+        self._lam_vars = []
 
     def state(self, epoch, step=0):
         """(lam, exact) at `step` of `epoch`."""
         t = epoch + (step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
         return float(self.lam0 * self.rho ** t), epoch >= self.phase2_epoch
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._lam_vars = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -373,7 +373,11 @@ class BinaryRelaxSchedule(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.steps_per_epoch and batch and self._epoch < self.phase2_epoch:
-            set_br_state(self.model, lam=self.state(self._epoch, batch)[0])
+            if not self._lam_vars:  # found once: a walk of the model costs ~5% of a step
+                self._lam_vars = [qvars["br_lam"] for *_, qvars in _require_br(self.model)]
+            lam = self.state(self._epoch, batch)[0]
+            for var in self._lam_vars:
+                var.assign(lam)
 
 
 def schedule_for(c, steps_per_epoch=0):

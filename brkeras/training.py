@@ -89,8 +89,8 @@ class AdversarialModel(keras.Model):
         x_adv = tf.stop_gradient(self.adversarial_examples(x, y, training=True))
         with tf.GradientTape() as tape:
             logits_adv = self.net(x_adv, training=True)
-            logits_nat = (self.net(x, training=True) if self.loss_spec.needs_natural
-                          and self.loss_spec.attack is not None else logits_adv)
+            logits_nat = (self.net(x, training=True) if self.loss_spec.second_forward
+                          else logits_adv)
             per_example = self.loss_spec(y, logits_nat, logits_adv)
             loss = tf.nn.compute_average_loss(per_example)
         variables = self.net.trainable_variables
@@ -319,8 +319,11 @@ class EpochLogger(keras.callbacks.Callback):
             workdir_lib.write_state(self.workdir, epoch + 1, finished=False)
 
 
-def train_dataset(config):
+def train_dataset(config, seed=None, repeat=None):
     """The training pipeline of `config`: global batches of config.optim.batch_size.
+
+    seed: the shuffle seed (default config.seed); repeat: repeat forever (default:
+    when config.optim.steps_per_epoch fixes the epoch length).
 
     The pipeline gathers batches by index (Dataset.range), so there are no files
     to shard. DATA sharding: every worker builds the same seeded global batches
@@ -329,14 +332,15 @@ def train_dataset(config):
     ds = data.load(config.data.name, "train", batch_size=config.optim.batch_size,
                    augment=config.data.augment, shuffle=True,
                    max_examples=config.data.max_train_examples,
-                   data_dir=config.data.data_dir, seed=config.seed,
-                   repeat=bool(config.optim.steps_per_epoch))
+                   data_dir=config.data.data_dir,
+                   seed=config.seed if seed is None else seed,
+                   repeat=bool(config.optim.steps_per_epoch) if repeat is None else repeat)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
 
 
-BN_REPORT = "batchnorm.json"
+BN_REPORT = workdir_lib.BATCHNORM
 
 
 def reestimate_batchnorm(trainer, config, num_batches):
@@ -346,19 +350,14 @@ def reestimate_batchnorm(trainer, config, num_batches):
     its adversarial examples, crafted as in training, and, for a loss with a
     natural term, as itself. Returns the re-estimation report.
     """
-    ds = data.load(config.data.name, "train", batch_size=config.optim.batch_size,
-                   augment=config.data.augment, shuffle=True,
-                   max_examples=config.data.max_train_examples,
-                   data_dir=config.data.data_dir, seed=config.seed + 1, repeat=True)
+    ds = train_dataset(config, seed=config.seed + 1, repeat=True)
+    # x itself for a loss without an attack.
     craft = tf.function(lambda x, y: trainer.adversarial_examples(x, y, training=True))
-    spec = trainer.loss_spec
-    with_natural = spec.attack is None or spec.needs_natural
 
     def inputs():
         for x, y in ds.take(num_batches):
-            if spec.attack is not None:
-                yield craft(x, y)
-            if with_natural:
+            yield craft(x, y)
+            if trainer.loss_spec.second_forward:
                 yield x
 
     report = batchnorm.reestimate(trainer.net, inputs())
@@ -388,10 +387,12 @@ def train(config, workdir, overwrite=False, verbose=1):
     keras.utils.set_random_seed(config.seed)
 
     info = data.info(config.data.name)
+    # Each worker restores from the dir it writes (chief: the run's ckpt/); a worker
+    # without one reads the chief's if it can see it (a shared work dir).
+    latest = tf.train.latest_checkpoint(os.path.join(write_dir, workdir_lib.CKPT)) or (
+        None if chief else tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT)))
     # A resumed run restores every weight from its checkpoint: skip the source run.
-    resuming = any(tf.train.latest_checkpoint(os.path.join(d, workdir_lib.CKPT))
-                   for d in {write_dir, workdir})
-    init_weights = None if resuming else initial_weights(config)
+    init_weights = None if latest else initial_weights(config)
     train_ds = train_dataset(config)
     n_train = len(data.load_arrays(config.data.name, "train", config.data.max_train_examples,
                                    config.data.data_dir)[1])
@@ -410,12 +411,8 @@ def train(config, workdir, overwrite=False, verbose=1):
         trainer.distribute_reduction_method = "first"
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
         ckpt = _checkpoint(net, optimizer, epoch_var)
-    # Each worker restores from the dir it writes (chief: the run's ckpt/); a worker
-    # without one reads the chief's if it can see it (a shared work dir).
     manager = tf.train.CheckpointManager(ckpt, os.path.join(write_dir, workdir_lib.CKPT),
                                          max_to_keep=2)
-    latest = manager.latest_checkpoint or (
-        None if chief else tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT)))
     if latest:
         ckpt.restore(latest)
     initial_epoch = _agree_on_epoch(strategy, manager, ckpt, epoch_var)

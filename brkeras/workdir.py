@@ -21,7 +21,8 @@ METRICS = "metrics.jsonl"
 STATE = "state.json"
 CKPT = "ckpt"
 TB = "tb"
-TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB)
+BATCHNORM = "batchnorm.json"  # the BatchNorm re-estimation report
+TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB, BATCHNORM)
 # Config sections that later stages may change without training again.
 STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")
 
@@ -137,6 +138,15 @@ def config_diff(old, new, ignore=(), prefix=""):
     return out
 
 
+def training_diff(workdir, config):
+    """Differences of the config stored in `workdir` (if any) with `config` that
+    need a new training: every section but STAGE_SECTIONS."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        return []
+    return config_diff(read_json(path), config_to_dict(config), ignore=STAGE_SECTIONS)
+
+
 def prepare_for_training(workdir, config, overwrite=False):
     """Readies `workdir` for `train`; returns "new" or "resume".
 
@@ -144,7 +154,6 @@ def prepare_for_training(workdir, config, overwrite=False):
     error. An unfinished run with the same config resumes; with a different
     config it is an error that lists the differences.
     """
-    new = config_to_dict(config)
     cfg_path = os.path.join(workdir, CONFIG)
     if overwrite:
         for name in TRAIN_OUTPUTS:
@@ -160,7 +169,7 @@ def prepare_for_training(workdir, config, overwrite=False):
                 f"{workdir} already holds a finished run ({state['completed_epochs']} "
                 "epochs). Evaluate it with `brkeras evaluate`, choose another "
                 "--workdir, or pass --overwrite to train again from scratch.")
-        diff = config_diff(read_json(cfg_path), new, ignore=STAGE_SECTIONS)
+        diff = training_diff(workdir, config)
         if diff:
             raise WorkdirError(
                 f"{workdir} holds an unfinished run with a different config:\n  "
@@ -168,5 +177,5 @@ def prepare_for_training(workdir, config, overwrite=False):
                 + "\nResume it with the same config, or pass --overwrite to start over.")
         return "resume"
     os.makedirs(workdir, exist_ok=True)
-    write_json(cfg_path, new)
+    write_json(cfg_path, config_to_dict(config))
     return "new"

@@ -28,18 +28,11 @@ usage() {
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --binary) binary="${2:-}"; shift 2 ;;
-        --binary=*) binary="${1#*=}"; shift ;;
-        --out) out="${2:-}"; shift 2 ;;
-        --out=*) out="${1#*=}"; shift ;;
-        --threads) threads="${2:-}"; shift 2 ;;
-        --threads=*) threads="${1#*=}"; shift ;;
-        --num_runs) num_runs="${2:-}"; shift 2 ;;
-        --num_runs=*) num_runs="${1#*=}"; shift ;;
-        --use_xnnpack) use_xnnpack="${2:-}"; shift 2 ;;
-        --use_xnnpack=*) use_xnnpack="${1#*=}"; shift ;;
-        --use_gpu) use_gpu="${2:-}"; shift 2 ;;
-        --use_gpu=*) use_gpu="${1#*=}"; shift ;;
+        --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;  # --opt=v -> --opt v
+        --binary|--out|--threads|--num_runs|--use_xnnpack|--use_gpu)
+            # The option names are the variable names.
+            [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; usage >&2; exit 2; }
+            printf -v "${1#--}" '%s' "$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
         *) models+=("$1"); shift ;;
