@@ -25,5 +25,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["brkeras=brkeras.cli:run"]},
+    entry_points={"console_scripts": ["brkeras=brkeras.run.cli:run"]},
 )

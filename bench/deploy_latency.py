@@ -6,9 +6,9 @@ Two models: (a) ResNet20, 32x32x3, width 16; (b) the default Fashion-MNIST pipel
 model, depth 8, width 16, 28x28x1 (configs/fashion_mnist_enresnet.py). Random
 He-initialised weights with BatchNorm statistics set by a few training-mode passes;
 "ternary" sets every 3x3 kernel to its exact ternary Q(w) (quantizers.ternary) and
-exports full int8 (export.fix_quantized_weights), as `brkeras export` does.
+exports full int8 (levels_lib.fix_quantized_weights), as `brkeras export` does.
 Rows: float32 and full int8, noise off (det), noise on in the training-time form
-(one random op per block, "layer") and in the deploy form (export.deploy_model:
+(one random op per block, "layer") and in the deploy form (nn_deploy.deploy_model:
 one NoiseBank at the input, "bank"); also the pruned ternary model
 (prune.prune_blocks; random weights have no removable channel, so it equals the
 unpruned one unless --dead > 0 kills that share of each block's conv2 input slices).
@@ -26,7 +26,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from brkeras import benchmark, export, models, prune, quantizers  # noqa: E402
+from brkeras.deploy import prune  # noqa: E402
+from brkeras.quant import ops as quantizers
+from brkeras.deploy import convert as convert_lib
+from brkeras.deploy import latency
+from brkeras.deploy import exact_levels as levels_lib
+from brkeras.nn import models
+from brkeras.nn import deploy as nn_deploy
 from brkeras._keras import keras  # noqa: E402
 
 MODELS = {"resnet20_32x32x3": ((32, 32, 3), 20), "fm_d8w16_28x28x1": ((28, 28, 1), 8)}
@@ -59,17 +65,17 @@ def files_for(name, shape, depth, out, dead, pool):
         for noise in ("det", "layer", "bank"):
             m, quant, x = build(shape, depth, 0.0 if noise == "det" else 0.1, pool, tern, dead)
             pm, rep = prune.prune_blocks(m)  # before deploy_model adds call sites to m's layers
-            src = export.deploy_model(m) if noise == "bank" else m
-            f32 = export.convert(src, "float32")
-            b = f32 if fmt == "float32" else export.fix_quantized_weights(
-                export.convert(src, fmt, x), f32, quant)
+            src = nn_deploy.deploy_model(m) if noise == "bank" else m
+            f32 = convert_lib.convert(src, "float32")
+            b = f32 if fmt == "float32" else levels_lib.fix_quantized_weights(
+                convert_lib.convert(src, fmt, x), f32, quant)
             made[f"{tag} {noise}"] = b
             if tern and noise in ("det", "bank"):
-                psrc = export.deploy_model(pm) if noise == "bank" else pm
+                psrc = nn_deploy.deploy_model(pm) if noise == "bank" else pm
                 pq = {k: (pm.get_layer(k).get_weights()[0], 1) for k in quant}
-                pf = export.convert(psrc, "float32")
+                pf = convert_lib.convert(psrc, "float32")
                 made[f"{tag} {noise} pruned({rep['removed_channels']}ch)"] = \
-                    export.fix_quantized_weights(export.convert(psrc, fmt, x), pf, pq)
+                    levels_lib.fix_quantized_weights(convert_lib.convert(psrc, fmt, x), pf, pq)
     paths = {}
     for k, b in made.items():
         p = os.path.join(out, f"{name}_{k.replace(' ', '_').replace('(', '').replace(')', '')}.tflite")
@@ -99,7 +105,7 @@ def main():
     meds = {k: [] for k in paths}
     for _ in range(args.rounds):
         for k, p in paths.items():
-            meds[k].append(float(np.median(benchmark.time_invoke(p, args.threads, args.runs, 10))))
+            meds[k].append(float(np.median(latency.time_invoke(p, args.threads, args.runs, 10))))
     med = {k: float(np.median(v)) for k, v in meds.items()}
     print(f"LiteRT, batch 1, {args.threads} thread(s), median of {args.rounds} interleaved rounds "
           f"x {args.runs} invokes, noise pool {args.pool}, {os.cpu_count()} CPUs, "

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from brkeras import layers  # noqa: E402
+from brkeras.nn import layers  # noqa: E402
 from brkeras._keras import tf  # noqa: E402
 
 SIGMA = 0.1

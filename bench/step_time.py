@@ -16,8 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from brkeras import config as config_lib  # noqa: E402
-from brkeras import losses, training  # noqa: E402
+from brkeras.run import config as config_lib  # noqa: E402
+from brkeras.robust import losses  # noqa: E402
+from brkeras.train import adversarial_model
+from brkeras.run import train as train_lib
 from brkeras._keras import keras, tf  # noqa: E402
 
 STEPS = flags.DEFINE_integer("steps", 6, "timed steps per cell (after 2 warm-up steps)")
@@ -39,8 +41,8 @@ def step_time(model_fields, precision, loss_name, steps, batch):
         c.model[k] = v
     c.quant.precision = precision
     keras.utils.set_random_seed(0)
-    net = training.build_network(c, (32, 32, 3), 10)
-    trainer = training.AdversarialModel(net, losses.get(loss_name), eps=8 / 255,
+    net = train_lib.build_network(c, (32, 32, 3), 10)
+    trainer = adversarial_model.AdversarialModel(net, losses.get(loss_name), eps=8 / 255,
                                         eps_iter=2 / 255, steps=10, weight_decay=5e-4)
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
     rng = np.random.default_rng(0)

@@ -11,3 +11,11 @@ class WorkdirError(BrkerasError):
 
 class NonFiniteLossError(BrkerasError):
     """The training loss became NaN or Inf."""
+
+
+class ExportError(BrkerasError):
+    """An export that cannot be trusted (weights not exact, parity failed)."""
+
+
+class ParityError(ExportError):
+    """The TFLite model does not compute what the Keras model computes."""

@@ -18,7 +18,7 @@ PGD-10 step of ResNet20 at batch 128 on 2 CPU cores, i.e. days here: use a GPU.
 Offline here, `--config.data.name=/path/cifar10_small.npz` runs on an .npz proxy.
 """
 
-from brkeras import config as config_lib
+from brkeras.run import config as config_lib
 
 
 def get_config(arg=None):

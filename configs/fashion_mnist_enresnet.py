@@ -39,7 +39,7 @@ Scales are per output channel (quant.per_channel, SPEC 3's extension; 84.1 /
 69.7 per layer).
 """
 
-from brkeras import config as config_lib
+from brkeras.run import config as config_lib
 
 
 def get_config(arg=None):

@@ -26,7 +26,7 @@ pipeline models would take about 70 min (estimated from these two).
 import importlib.util
 import os
 
-from brkeras import config as config_lib
+from brkeras.run import config as config_lib
 
 
 def _default_config():

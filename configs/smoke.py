@@ -6,7 +6,7 @@ Expect: 2 epochs of 4 steps on 256 Fashion-MNIST images with a depth-8, width-4
 EnResNet; accuracies near chance (it checks the machinery, not the learning).
 """
 
-from brkeras import config as config_lib
+from brkeras.run import config as config_lib
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from brkeras._keras import keras, tf
-from brkeras import attacks
+from brkeras.robust import attacks
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -312,7 +312,7 @@ def test_eot_reduces_gradient_variance():
 
 def test_pgd_with_a_custom_loss_ascends_it_within_the_ball():
     """loss_fn (here TRADES' KL to the natural logits) replaces the cross-entropy."""
-    from brkeras import losses  # pylint: disable=import-outside-toplevel
+    from brkeras.robust import losses  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(3)
     w = tf.constant(rng.normal(size=(12, 3)).astype(np.float32))
     model_fn = lambda z: tf.matmul(tf.reshape(z, [-1, 12]), w)  # noqa: E731

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from brkeras import batchnorm, quantize
+from brkeras.train import batchnorm
+from brkeras.quant import binary_relax
+from brkeras.run import train as train_lib
 from brkeras._keras import keras
 from test_quantize import images, qcfg, tiny_resnet
 
@@ -61,8 +63,8 @@ def test_moving_statistics_are_the_mean_batch_statistics():
 def test_one_batch_makes_inference_equal_training_mode_on_a_quantized_model():
     # A quantized model shares its BatchNorm layers with the float model it was
     # cloned from; the re-estimation must read the quantized model's own graph.
-    q = quantize.quantize_model(tiny_resnet(), qcfg())
-    quantize.set_exact(q, True)
+    q = train_lib.quantize_from_config(tiny_resnet(), qcfg())
+    binary_relax.set_exact(q, True)
     x = images(8)
     assert not np.allclose(q(x, training=False).numpy(), q(x, training=True).numpy(), atol=1e-3)
     batchnorm.reestimate(q, [x])

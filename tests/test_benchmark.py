@@ -7,7 +7,14 @@ import subprocess
 import pytest
 
 from brkeras._keras import keras
-from brkeras import benchmark, export
+from brkeras.quant import binary_relax
+from brkeras.deploy import convert as convert_lib
+from brkeras.deploy import flatbuffer
+from brkeras.deploy import latency
+from brkeras.deploy import export as deploy_export
+from brkeras.run import benchmark as run_benchmark
+from brkeras.run import export as run_export
+from brkeras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "deploy", "android", "run_benchmark.sh")
@@ -33,7 +40,7 @@ Inference timings in us: Init: 12500, First inference: 4100, Warmup (avg): 2790.
 
 
 def test_parse_benchmark_model_output():
-    r = benchmark.parse_benchmark_model_output(LOG, size_bytes=1234)
+    r = latency.parse_benchmark_model_output(LOG, size_bytes=1234)
     assert r["file"] == "det_full_int8.tflite"
     assert r["threads"] == 2
     assert r["runs"] == 372  # the timed block, not the warm-up block
@@ -44,13 +51,13 @@ def test_parse_benchmark_model_output():
     assert r["init_ms"] == pytest.approx(12.5) and r["first_ms"] == pytest.approx(4.1)
     assert r["size_bytes"] == 1234
     with_median = LOG.replace("std=85", "std=85 p5=2600 median=2650 p95=2900")
-    r2 = benchmark.parse_benchmark_model_output(with_median)
+    r2 = latency.parse_benchmark_model_output(with_median)
     assert r2["median_ms"] == pytest.approx(2.65) and r2["median_is"] == "median"
     assert r2["p95_ms"] == pytest.approx(2.9)
     profiled = LOG + "Timings (microseconds): count=50 first=1 curr=1 min=1 max=1 avg=1 std=0\n"
-    assert benchmark.parse_benchmark_model_output(profiled)["runs"] == 372
+    assert latency.parse_benchmark_model_output(profiled)["runs"] == 372
     with pytest.raises(ValueError, match="count="):
-        benchmark.parse_benchmark_model_output("ERROR: Could not open model\n")
+        latency.parse_benchmark_model_output("ERROR: Could not open model\n")
 
 
 def test_parse_cli_appends_bench_json(tmp_path):
@@ -58,16 +65,16 @@ def test_parse_cli_appends_bench_json(tmp_path):
     log.write_text(LOG)
     out = tmp_path / "bench.json"
     for _ in range(2):
-        benchmark._main(["parse", str(out), str(log), "999", "use_gpu=false", "host.abi=arm64-v8a"])
+        latency._main(["parse", str(out), str(log), "999", "use_gpu=false", "host.abi=arm64-v8a"])
     b = json.loads(out.read_text())
     assert b["host"] == {"kind": "android", "abi": "arm64-v8a"}
     assert len(b["results"]) == 2
-    assert set(benchmark.RESULT_KEYS) <= set(b["results"][0])
+    assert set(latency.RESULT_KEYS) <= set(b["results"][0])
     assert b["results"][0]["use_gpu"] == "false" and b["results"][0]["size_bytes"] == 999
 
 
 def test_summarize_percentiles():
-    s = benchmark.summarize(list(range(1, 101)))
+    s = latency.summarize(list(range(1, 101)))
     assert s["median_ms"] == 50.5 and s["p90_ms"] == pytest.approx(90.1) and s["runs"] == 100
 
 
@@ -75,7 +82,7 @@ def _tiny_tflite(path):
     inp = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", name="m0_conv0")(inp)
     out = keras.layers.Dense(3, name="m0_logits")(keras.layers.GlobalAveragePooling2D()(x))
-    b = export.convert(keras.Model(inp, out), "float32")
+    b = convert_lib.convert(keras.Model(inp, out), "float32")
     path.write_bytes(b)
     return len(b)
 
@@ -83,21 +90,21 @@ def _tiny_tflite(path):
 def test_bench_json_schema(tmp_path):
     (tmp_path / "export").mkdir()
     size = _tiny_tflite(tmp_path / "export" / "det_float32.tflite")
-    b = benchmark.benchmark(str(tmp_path), threads=(1, 2), runs=15, warmup=2)
+    b = run_benchmark.benchmark(str(tmp_path), threads=(1, 2), runs=15, warmup=2)
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["results"] == b["results"]
     assert on_disk["host"]["cpu_count"] == os.cpu_count()
     assert [(r["file"], r["threads"], r["runs"], r["size_bytes"]) for r in b["results"]] == \
         [("det_float32.tflite", 1, 15, size), ("det_float32.tflite", 2, 15, size)]
     for r in b["results"]:
-        assert set(benchmark.RESULT_KEYS) <= set(r)
+        assert set(latency.RESULT_KEYS) <= set(r)
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] < 1000
-    table = benchmark.markdown_table(b).splitlines()
+    table = latency.markdown_table(b).splitlines()
     assert len(table) == 4 and table[2].startswith("| det_float32.tflite | 1 |")
     with pytest.raises(ValueError, match="threads"):
-        benchmark.benchmark_files([str(tmp_path / "export" / "det_float32.tflite")], threads=(0,))
+        latency.benchmark_files([str(tmp_path / "export" / "det_float32.tflite")], threads=(0,))
     with pytest.raises(FileNotFoundError, match="brkeras export"):
-        benchmark.benchmark(str(tmp_path / "nothing"), threads=(1,), runs=1)
+        run_benchmark.benchmark(str(tmp_path / "nothing"), threads=(1,), runs=1)
 
 
 # ---- deploy/android/run_benchmark.sh prerequisites ----
@@ -184,7 +191,7 @@ import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from brkeras import errors, quantize, training  # noqa: E402
+from brkeras import errors  # noqa: E402
 
 sys.path.insert(0, REPO)
 from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
@@ -196,8 +203,8 @@ FILE_KEYS = {"file", "format", "size_bytes", "noise", "pruned", "weights", "batc
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("smoke_ternary"))
-    training.train(smoke.get_config("ternary,tradeoff"), wd, verbose=0)
-    result = export.export(wd)
+    train_lib.train(smoke.get_config("ternary,tradeoff"), wd, verbose=0)
+    result = run_export.export(wd)
     return wd, result
 
 
@@ -207,13 +214,13 @@ def test_export_json_schema_and_exact_levels(exported):
     assert on_disk["min_agreement"] == 0.9  # configs/smoke.py's config.export.min_agreement
     names = sorted(e["file"] for e in on_disk["files"])
     pruned = [n for n in names if "pruned" in n]
-    # noisy deploys have no full int8 (export.noisy_formats)
+    # noisy deploys have no full int8 (convert_lib.noisy_formats)
     base = sorted([f"det_{f}.tflite" for f in ("float32", "dynamic_int8", "full_int8")]
                   + [f"noisy_{f}.tflite" for f in ("float32", "dynamic_int8")])
     assert sorted(set(names) - set(pruned)) == base
     assert sorted(os.listdir(os.path.join(wd, "export"))) == names
-    assert not [d for d in os.listdir(wd) if d.startswith(export.TMP_PREFIX)]
-    qnames = sorted(quantize.quantized_kernels(training.load(wd)))
+    assert not [d for d in os.listdir(wd) if d.startswith(run_export.TMP_PREFIX)]
+    qnames = sorted(binary_relax.quantized_kernels(train_lib.load(wd)))
     assert len(qnames) == 7  # depth 8: conv0 + 3 blocks x (conv1, conv2)
     for e in on_disk["files"]:
         assert FILE_KEYS <= set(e), e["file"]
@@ -221,7 +228,7 @@ def test_export_json_schema_and_exact_levels(exported):
         assert sorted(e["weights"]) == qnames
         b = open(os.path.join(wd, "export", e["file"]), "rb").read()
         assert len(b) == e["size_bytes"]
-        wq = export.weights_by_layer(b, qnames)
+        wq = flatbuffer.weights_by_layer(b, qnames)
         for name in qnames:
             r = e["weights"][name]
             assert r["exact"], (e["file"], name, r)
@@ -250,13 +257,13 @@ def test_export_json_schema_and_exact_levels(exported):
 
 def test_bench_json_end_to_end(exported):
     wd, result = exported
-    b = benchmark.benchmark(wd)  # config.bench of configs/smoke.py: threads (1,), 5 runs
+    b = run_benchmark.benchmark(wd)  # config.bench of configs/smoke.py: threads (1,), 5 runs
     on_disk = json.loads(open(os.path.join(wd, "bench.json")).read())
     assert on_disk["results"] == b["results"]
     sizes = {e["file"]: e["size_bytes"] for e in result["files"]}
     assert sorted(r["file"] for r in b["results"]) == sorted(sizes)
     for r in b["results"]:
-        assert set(benchmark.RESULT_KEYS) <= set(r)
+        assert set(latency.RESULT_KEYS) <= set(r)
         assert (r["threads"], r["runs"], r["size_bytes"]) == (1, 5, sizes[r["file"]])
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] < 1000
 
@@ -270,17 +277,17 @@ def test_failed_parity_leaves_previous_export(exported, monkeypatch):
 
     def failing(*args, **kwargs):
         calls.append(1)
-        raise export.ParityError("forced parity failure")
+        raise errors.ParityError("forced parity failure")
 
-    monkeypatch.setattr(export, "parity_deterministic", failing)
-    monkeypatch.setattr(export, "parity_stochastic", failing)  # fail on the first file
-    with pytest.raises(export.ParityError, match="forced") as e:
-        export.export(wd)
+    monkeypatch.setattr(deploy_export, "parity_deterministic", failing)
+    monkeypatch.setattr(deploy_export, "parity_stochastic", failing)  # fail on the first file
+    with pytest.raises(errors.ParityError, match="forced") as e:
+        run_export.export(wd)
     assert isinstance(e.value, errors.BrkerasError) and calls == [1]
     after = {f: open(os.path.join(wd, "export", f), "rb").read()
              for f in os.listdir(os.path.join(wd, "export"))}
     assert after == before and open(os.path.join(wd, "export.json")).read() == json_before
-    assert not [d for d in os.listdir(wd) if d.startswith(export.TMP_PREFIX)]
+    assert not [d for d in os.listdir(wd) if d.startswith(run_export.TMP_PREFIX)]
     # Without a previous export, a failure leaves neither export/ nor export.json.
     fresh = os.path.join(os.path.dirname(wd), "fresh_copy")
     os.makedirs(fresh)
@@ -288,6 +295,6 @@ def test_failed_parity_leaves_previous_export(exported, monkeypatch):
         open(os.path.join(fresh, f), "w").write(open(os.path.join(wd, f)).read())
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.copytree(os.path.join(wd, "ckpt"), os.path.join(fresh, "ckpt"))
-    with pytest.raises(export.ParityError):
-        export.export(fresh)
+    with pytest.raises(errors.ParityError):
+        run_export.export(fresh)
     assert sorted(os.listdir(fresh)) == ["ckpt", "config.json", "state.json"]

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from brkeras import config as config_lib
-from brkeras import workdir as workdir_lib
+from brkeras.run import config as config_lib
+from brkeras.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def brkeras(*args, timeout=120):
-    proc = subprocess.run([sys.executable, "-m", "brkeras.cli", *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "brkeras.run.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from brkeras import config as config_lib
-from brkeras import pipeline
+from brkeras.run import config as config_lib
+from brkeras.run import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

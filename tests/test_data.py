@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from brkeras import data
+from brkeras.data import fashion_mnist_offline as fmnist
 from brkeras._keras import tf
 
 import tensorflow_datasets as tfds  # noqa: E402  (after brkeras._keras)
 
 DEBIAN = data.FASHION_MNIST_DEBIAN_DIR
-HAVE_DEBIAN = all(os.path.isfile(os.path.join(DEBIAN, f)) for f in data.FASHION_MNIST_FILES)
+HAVE_DEBIAN = all(os.path.isfile(os.path.join(DEBIAN, f)) for f in fmnist.FASHION_MNIST_FILES)
 CIFAR_SMALL = "/work/shared/data/cifar10_small.npz"
 
 
@@ -176,7 +177,7 @@ def test_download_failure_says_how_to_get_data(tmp_path, monkeypatch):
         data.load_arrays("mnist", "train", data_dir=str(tmp_path))
     assert ".npz" in str(e.value)
     # Fashion-MNIST without the Debian files: points to the package.
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "absent"))
     with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist"):
         data.load_arrays("fashion_mnist", "train", data_dir=str(tmp_path))
 
@@ -307,18 +308,18 @@ def test_restore_missing_sources_says_apt_get(tmp_path):
 def test_gzip_header_restoration_layout():
     # A gzip header without FNAME, MTIME 0: FLG gets bit 3, MTIME and the name go in.
     raw = b"\x1f\x8b\x08\x00" + b"\x00" * 4 + b"\x00\x03" + b"DEFLATE"
-    out = data._restore_gzip_header(raw, "abc", 1504176606)
+    out = fmnist._restore_gzip_header(raw, "abc", 1504176606)
     assert out == (b"\x1f\x8b\x08\x08" + (1504176606).to_bytes(4, "little") + b"\x00\x03"
                    + b"abc\x00DEFLATE")
-    assert data._restore_gzip_header(out, "abc", 1) == out  # FNAME present: unchanged
+    assert fmnist._restore_gzip_header(out, "abc", 1) == out  # FNAME present: unchanged
     with pytest.raises(ValueError, match="not a gzip"):
-        data._restore_gzip_header(b"PK\x03\x04" + b"\x00" * 10, "abc", 1)
+        fmnist._restore_gzip_header(b"PK\x03\x04" + b"\x00" * 10, "abc", 1)
 
 
 @needs_debian
 def test_restored_bytes_match_registered_checksums(tmp_path):
     reg = _registered_tsv()
-    assert sorted(reg) == sorted(data.FASHION_MNIST_FILES)
+    assert sorted(reg) == sorted(fmnist.FASHION_MNIST_FILES)
     paths = data.restore_fashion_mnist(str(tmp_path / "manual"))
     for fname, (size, sha) in reg.items():
         assert os.path.getsize(paths[fname]) == size
@@ -330,7 +331,7 @@ def test_restored_bytes_match_registered_checksums(tmp_path):
 @needs_debian
 def test_restore_checksum_mismatch_writes_nothing(tmp_path):
     builder = tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds"))
-    reg = dict(data._registered_fashion_mnist(builder))
+    reg = dict(fmnist._registered_fashion_mnist(builder))
     f = "t10k-labels-idx1-ubyte.gz"
     reg[f] = type(reg[f])(size=reg[f].size, checksum="0" * 64, filename=reg[f].filename)
     manual = tmp_path / "manual"
@@ -342,14 +343,14 @@ def test_restore_checksum_mismatch_writes_nothing(tmp_path):
 @needs_debian
 def test_tfds_itself_rejects_a_tampered_manual_file(tmp_path):
     builder = tfds.builder("fashion_mnist", data_dir=str(tmp_path))
-    manual = data._manual_dir(builder)
-    paths = data.restore_fashion_mnist(manual, registered=data._registered_fashion_mnist(builder))
+    manual = fmnist._manual_dir(builder)
+    paths = data.restore_fashion_mnist(manual, registered=fmnist._registered_fashion_mnist(builder))
     p = paths["train-labels-idx1-ubyte.gz"]
     raw = bytearray(open(p, "rb").read())
     raw[-20] ^= 0xFF
     open(p, "wb").write(bytes(raw))
     with pytest.raises(tfds.core.download.download_manager.NonMatchingChecksumError):
-        data._download_and_prepare_manual(builder, manual)
+        fmnist._download_and_prepare_manual(builder, manual)
     assert not builder.is_prepared()
 
 
@@ -368,7 +369,7 @@ def test_fashion_mnist_offline_real(fashion_dir):
     # The automatic route used the restored, verified files in the manual dir.
     builder = tfds.builder("fashion_mnist", data_dir=fashion_dir)
     assert builder.is_prepared()
-    manual = data._manual_dir(builder)
+    manual = fmnist._manual_dir(builder)
     assert manual.startswith(fashion_dir)
     for fname, (_, sha) in _registered_tsv().items():
         assert _sha256(os.path.join(manual, fname)) == sha

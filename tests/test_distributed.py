@@ -1,4 +1,4 @@
-"""Multi-worker training: two worker processes on 127.0.0.1 against one process.
+"""Multi-worker train_lib: two worker processes on 127.0.0.1 against one process.
 
 The test runs this file as a script (the harness at the bottom) in subprocesses:
   * a reference process with two logical CPU devices trains the same config
@@ -63,31 +63,33 @@ def _tf_config(index, cluster=None):
 
 
 def test_chief_and_scratch_dir_follow_tf_config(monkeypatch, tmp_path):
-    from brkeras import training  # pylint: disable=import-outside-toplevel
+    from brkeras.run import train as train_lib  # pylint: disable=import-outside-toplevel
+    from brkeras.train import distribute  # noqa: F401
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert training.is_chief()
+    assert distribute.is_chief()
     monkeypatch.setenv("TF_CONFIG", _tf_config(0))
-    assert training.is_chief()
+    assert distribute.is_chief()
     monkeypatch.setenv("TF_CONFIG", _tf_config(1))
-    assert not training.is_chief()
-    assert training.worker_scratch_dir(str(tmp_path)) == str(tmp_path / "workertemp_1")
+    assert not distribute.is_chief()
+    assert distribute.worker_scratch_dir(str(tmp_path)) == str(tmp_path / "workertemp_1")
     with_chief = {"chief": ["127.0.0.1:3"], "worker": ["127.0.0.1:1"]}
     monkeypatch.setenv("TF_CONFIG", _tf_config(0, with_chief))
-    assert not training.is_chief()  # worker 0 is not the chief when a chief task exists
+    assert not distribute.is_chief()  # worker 0 is not the chief when a chief task exists
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
-        training.is_chief()
+        distribute.is_chief()
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
-    from brkeras import training  # pylint: disable=import-outside-toplevel
+    from brkeras.run import train as train_lib  # pylint: disable=import-outside-toplevel
+    from brkeras.train import distribute  # noqa: F401
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="needs the TF_CONFIG"):
-        training.make_strategy("multi_worker")
+        distribute.make_strategy("multi_worker")
     with pytest.raises(ValueError, match="choose one of"):
-        training.make_strategy("tpu")
+        distribute.make_strategy("tpu")
 
 
 # ---------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def _losses(records, run):
 
 
 def test_multi_worker_matches_mirrored_and_default(runs):
-    from brkeras import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from brkeras.run import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
     metrics = workdir_lib.read_metrics(runs["wd"])
     assert [r["epoch"] for r in metrics] == list(range(1, EPOCHS + 1))
@@ -276,14 +278,14 @@ def _keys(x):
     return [round(float(v), 3) for v in x @ w]
 
 
-def _patch_epoch_logger(training, run, kill_after):
-    original = training.EpochLogger.on_epoch_end
+def _patch_epoch_logger(train_lib, run, kill_after):
+    original = train_lib.EpochLogger.on_epoch_end
 
     def on_epoch_end(self, epoch, logs=None):
         original(self, epoch, logs)
-        from brkeras import quantize  # pylint: disable=import-outside-toplevel
+        from brkeras.quant import binary_relax  # pylint: disable=import-outside-toplevel
 
-        lam, exact = quantize.br_state(self.net)
+        lam, exact = binary_relax.br_state(self.net)
         wsum = float(sum(np.sum(np.abs(v.numpy()), dtype=np.float64)
                          for v in self.net.trainable_weights))
         _emit(kind="epoch", run=run, epoch=epoch + 1, loss=float(logs["loss"]),
@@ -298,36 +300,37 @@ def _patch_epoch_logger(training, run, kill_after):
         self.last_step_loss = float(logs["loss"])
         original_batch_end(self, batch, logs)
 
-    original_batch_end = training.EpochLogger.on_train_batch_end
-    training.EpochLogger.on_epoch_end = on_epoch_end
-    training.EpochLogger.on_train_batch_end = on_train_batch_end
+    original_batch_end = train_lib.EpochLogger.on_train_batch_end
+    train_lib.EpochLogger.on_epoch_end = on_epoch_end
+    train_lib.EpochLogger.on_train_batch_end = on_train_batch_end
 
     def unpatch():
-        training.EpochLogger.on_epoch_end = original
-        training.EpochLogger.on_train_batch_end = original_batch_end
+        train_lib.EpochLogger.on_epoch_end = original
+        train_lib.EpochLogger.on_train_batch_end = original_batch_end
 
     return unpatch
 
 
 def _main_worker(workdir, kill_after):
-    from brkeras import training  # no TensorFlow op may run before the strategy exists
+    from brkeras.run import train as train_lib  # no TensorFlow op may run before the strategy exists
+    from brkeras.train import distribute  # noqa: F401
 
     captured = []
-    make = training.make_strategy
-    training.make_strategy = lambda name: captured.append(make(name)) or captured[-1]
-    original_agree = training._agree_on_epoch  # pylint: disable=protected-access
+    make = distribute.make_strategy
+    distribute.make_strategy = lambda name: captured.append(make(name)) or captured[-1]
+    original_agree = distribute._agree_on_epoch  # pylint: disable=protected-access
 
     def agree(*args):
         epoch = original_agree(*args)
         _emit(kind="start", initial_epoch=epoch)
         return epoch
 
-    training._agree_on_epoch = agree  # pylint: disable=protected-access
-    _patch_epoch_logger(training, "worker", kill_after)
+    distribute._agree_on_epoch = agree  # pylint: disable=protected-access
+    _patch_epoch_logger(train_lib, "worker", kill_after)
     config = make_config("multi_worker")
-    training.train(config, workdir, verbose=0)
+    train_lib.train(config, workdir, verbose=0)
     strategy = captured[0]
-    dist = iter(strategy.experimental_distribute_dataset(training.train_dataset(config)))
+    dist = iter(strategy.experimental_distribute_dataset(train_lib.train_dataset(config)))
     for b in range(2):
         x, _ = next(dist)
         _emit(kind="batch", batch=b, keys=_keys(strategy.experimental_local_results(x)[0]))
@@ -339,19 +342,20 @@ def _main_reference(root):
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-    from brkeras import training  # pylint: disable=import-outside-toplevel
+    from brkeras.run import train as train_lib  # pylint: disable=import-outside-toplevel
+    from brkeras.train import distribute  # noqa: F401
 
     for name in ("default", "mirrored"):
-        unpatch = _patch_epoch_logger(training, name, KILL)
+        unpatch = _patch_epoch_logger(train_lib, name, KILL)
         try:
-            training.train(make_config(name), os.path.join(root, name), verbose=0)
+            train_lib.train(make_config(name), os.path.join(root, name), verbose=0)
         except KeyboardInterrupt:
             pass
         unpatch()
-        unpatch = _patch_epoch_logger(training, name, 0)
-        training.train(make_config(name), os.path.join(root, name), verbose=0)
+        unpatch = _patch_epoch_logger(train_lib, name, 0)
+        train_lib.train(make_config(name), os.path.join(root, name), verbose=0)
         unpatch()
-    for b, (x, _) in enumerate(training.train_dataset(make_config("default")).take(2)):
+    for b, (x, _) in enumerate(train_lib.train_dataset(make_config("default")).take(2)):
         _emit(kind="batch", batch=b, keys=_keys(x.numpy()))
 
 

@@ -11,7 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from brkeras import errors, evaluate, quantize, sparsity, training
+from brkeras import errors
+from brkeras.quant import sparsity
+from brkeras.quant import binary_relax
+from brkeras.run import evaluate as run_evaluate
+from brkeras.robust import sanity
+from brkeras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -35,8 +40,8 @@ def ternary(tmp_path_factory):
     """A smoke-trained ternary model, evaluated once with the smoke config."""
     wd = str(tmp_path_factory.mktemp("eval_ternary"))
     config = smoke.get_config("ternary,tradeoff")
-    training.train(config, wd, verbose=0)
-    result = evaluate.evaluate(wd, verbose=0)
+    train_lib.train(config, wd, verbose=0)
+    result = run_evaluate.evaluate(wd, verbose=0)
     return wd, config, result
 
 
@@ -47,14 +52,14 @@ def deterministic(tmp_path_factory):
     config = smoke.get_config("float,natural")
     config.model.sigma = 0.0
     config.optim.epochs = 1
-    training.train(config, wd, verbose=0)
+    train_lib.train(config, wd, verbose=0)
     over = copy.deepcopy(config)
     over.eval.attacks = ("fgsm", "pgd20")
     over.eval.eot_attacks = ("fgsm", "pgd20")  # listed, but sigma 0 leaves nothing to average
     over.eval.max_examples = 32
     over.eval.batch_size = 32
     over.eval.eps_sweep = (0.0, 0.3)
-    return wd, over, evaluate.evaluate(wd, overrides=over, verbose=0)
+    return wd, over, run_evaluate.evaluate(wd, overrides=over, verbose=0)
 
 
 # ---- eval.json: schema and values ------------------------------------------------
@@ -136,12 +141,12 @@ def test_sanity_list_and_more_effort(ternary):
     assert len(checks) == 10 + 6 + 2 + 3 + 6 + 2
     # the stored checks are exactly what the pure function gives on the stored result
     n, m = r["n_examples"], r["eps_sweep"]["n_examples"]
-    assert evaluate.sanity_checks(r, n, True, 10, m) == checks
+    assert sanity.sanity_checks(r, n, True, 10, m) == checks
 
 
 def test_sparsity_matches_the_quantized_kernels(ternary):
     wd, _, r = ternary
-    expected = sparsity.report(quantize.quantized_kernels(training.load(wd)))
+    expected = sparsity.report(binary_relax.quantized_kernels(train_lib.load(wd)))
     assert json.loads(json.dumps(expected)) == r["sparsity"]
     overall = r["sparsity"]["overall"]
     # depth 8: conv0 + one block of two 3x3 convs in each of 3 stages
@@ -220,12 +225,12 @@ def consistent():
 
 
 def failed(result, stochastic=False):
-    return [c["check"] for c in evaluate.sanity_checks(result, 100, stochastic, 10, 100)
+    return [c["check"] for c in sanity.sanity_checks(result, 100, stochastic, 10, 100)
             if not c["held"]]
 
 
 def test_sanity_consistent_result_passes():
-    checks = evaluate.sanity_checks(consistent(), 100, False, 10, 100)
+    checks = sanity.sanity_checks(consistent(), 100, False, 10, 100)
     # 3 attacks x plain x 2 kinds + 2 x eot x 2; PGD<=FGSM x2; EOT<=plain x2; sweep 2 x (2 + 1);
     # more effort 2
     assert len(checks) == 6 + 4 + 2 + 2 + 6 + 2
@@ -260,7 +265,7 @@ def test_sanity_tolerance_for_a_stochastic_model():
     r["attacks"]["fgsm"]["plain"]["expected"] = 0.81  # 1 point above natural
     assert failed(r, stochastic=True) == []
     tol = 2 * math.sqrt(0.8 * 0.2 / 100)  # max p(1-p) of 0.81 and 0.8 is 0.8 * 0.2
-    detail = [c["detail"] for c in evaluate.sanity_checks(r, 100, True, 10, 100)
+    detail = [c["detail"] for c in sanity.sanity_checks(r, 100, True, 10, 100)
               if c["check"] == "robust <= natural (fgsm, plain, expected)"][0]
     assert detail.endswith(f"(+ tolerance {tol:.4f})")
     r["attacks"]["fgsm"]["plain"]["expected"] = 0.95  # far beyond two standard errors
@@ -268,15 +273,15 @@ def test_sanity_tolerance_for_a_stochastic_model():
 
 
 def test_tolerance_values():
-    assert evaluate.tolerance(0.5, 0.5, 100, False) == 0.0
-    assert evaluate.tolerance(0.5, 0.3, 100, True) == pytest.approx(0.1)
-    assert evaluate.tolerance(0.0, 0.0, 100, True) == pytest.approx(2 * math.sqrt(0.01 / 100))
+    assert sanity.tolerance(0.5, 0.5, 100, False) == 0.0
+    assert sanity.tolerance(0.5, 0.3, 100, True) == pytest.approx(0.1)
+    assert sanity.tolerance(0.0, 0.0, 100, True) == pytest.approx(2 * math.sqrt(0.01 / 100))
 
 
 def test_sanity_skips_missing_sections():
     r = consistent()
     del r["eps_sweep"], r["more_effort"]
-    assert len(evaluate.sanity_checks(r, 100, False, 10, 100)) == 6 + 4 + 2 + 2
+    assert len(sanity.sanity_checks(r, 100, False, 10, 100)) == 6 + 4 + 2 + 2
 
 
 # ---- errors -------------------------------------------------------------------------
@@ -288,7 +293,7 @@ def test_unknown_attack_is_a_clear_error(ternary):
     over = copy.deepcopy(config)
     over.eval.attacks = ("fgsm", "deepfool")
     with pytest.raises(ValueError, match=r"unknown attacks \['deepfool'\].*choose from"):
-        evaluate.evaluate(wd, overrides=over, verbose=0)
+        run_evaluate.evaluate(wd, overrides=over, verbose=0)
     assert os.path.getmtime(os.path.join(wd, "eval.json")) == before
 
 
@@ -302,16 +307,16 @@ def test_bad_eval_config_is_a_clear_error(ternary, field, value, match):
     over = copy.deepcopy(config)
     over.eval[field] = value
     with pytest.raises(ValueError, match=match):
-        evaluate.evaluate(wd, overrides=over, verbose=0)
+        run_evaluate.evaluate(wd, overrides=over, verbose=0)
 
 
 def test_untrained_workdir_says_train_first(tmp_path, ternary):
     with pytest.raises(errors.WorkdirError, match="brkeras train"):
-        evaluate.evaluate(str(tmp_path / "empty"), verbose=0)
+        run_evaluate.evaluate(str(tmp_path / "empty"), verbose=0)
     # a config but no checkpoint (a training killed before its first epoch)
     wd = tmp_path / "no_ckpt"
     wd.mkdir()
     shutil.copy(os.path.join(ternary[0], "config.json"), wd / "config.json")
     with pytest.raises(errors.WorkdirError, match="train it"):
-        evaluate.evaluate(str(wd), verbose=0)
+        run_evaluate.evaluate(str(wd), verbose=0)
     assert not (wd / "eval.json").exists()

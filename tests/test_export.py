@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 
 from brkeras._keras import keras, tf
-from brkeras import export
+from brkeras.deploy import convert as convert_lib
+from brkeras.deploy import export as deploy_export
+from brkeras import errors
+from brkeras.deploy import flatbuffer
+from brkeras.quant import int8_qat as int8_qat_lib
+from brkeras.deploy import exact_levels as levels_lib
+from brkeras.nn import models
+from brkeras.nn import deploy as nn_deploy
+from brkeras.deploy import parity
+from brkeras.run import export as run_export
+from brkeras.run import train as train_lib
 
-from brkeras.layers import FeynmanKacNoise
+from brkeras.nn.layers import FeynmanKacNoise
 
 L = keras.layers
 
@@ -85,19 +95,19 @@ def ternary_files(tmp_path_factory):
     x, y = data()
     m, quant = quantized_trained(x, y, 1, seed=3)
     out = tmp_path_factory.mktemp("tern")
-    entries = export.export_model(m, str(out), "det", quant, x[:50], x, y, noise=False)
+    entries = deploy_export.export_model(m, str(out), "det", quant, x[:50], x, y, noise=False)
     return m, quant, out, entries
 
 
 def test_exact_levels_recovers_units():
     k = np.array([[3, -7, 0, 1], [0, 0, 0, 0], [2, 4, -6, 0]])
     u = np.array([0.1, 0.0, 0.05])
-    units, levels = export.exact_levels(u[:, None] * k, 7)
+    units, levels = levels_lib.exact_levels(u[:, None] * k, 7)
     # Channel 2 has only even levels: the largest exact unit is 2 * 0.05.
     np.testing.assert_allclose(units, [0.1, 0.0, 0.1])
     np.testing.assert_array_equal(levels, [[3, -7, 0, 1], [0, 0, 0, 0], [1, 2, -3, 0]])
-    with pytest.raises(export.ExportError, match="not u \\* k"):
-        export.exact_levels(np.array([[0.1, 0.25, 0.37]]), 7)
+    with pytest.raises(errors.ExportError, match="not u \\* k"):
+        levels_lib.exact_levels(np.array([[0.1, 0.25, 0.37]]), 7)
 
 
 def test_ternary_three_int8_levels_per_channel(ternary_files):
@@ -106,8 +116,8 @@ def test_ternary_three_int8_levels_per_channel(ternary_files):
     assert set(by_fmt) == {"float32", "dynamic_int8", "full_int8"}
     b = (out / "det_full_int8.tflite").read_bytes()
     f32 = (out / "det_float32.tflite").read_bytes()
-    wq = export.weights_by_layer(b, QLAYERS)
-    wf = export.weights_by_layer(f32, QLAYERS)
+    wq = flatbuffer.weights_by_layer(b, QLAYERS)
+    wf = flatbuffer.weights_by_layer(f32, QLAYERS)
     assert set(wq) == set(QLAYERS)
     for name in QLAYERS:
         w = wq[name]
@@ -117,8 +127,8 @@ def test_ternary_three_int8_levels_per_channel(ternary_files):
         for o in range(c):
             assert set(np.unique(w["data"][o])) <= {-127, 0, 127}
         # scale * int8 reproduces the float filter (= Q(w), BN-folded for conv1).
-        np.testing.assert_allclose(export.dequantized(w), wf[name]["data"], rtol=1e-6, atol=1e-9)
-        ref = export.to_tflite_layout(quant[name][0])
+        np.testing.assert_allclose(flatbuffer.dequantized(w), wf[name]["data"], rtol=1e-6, atol=1e-9)
+        ref = flatbuffer.to_tflite_layout(quant[name][0])
         g = wf[name]["data"].reshape(c, -1)
         # Per channel the float filter is Q(w) times one factor (1 where no BN was folded).
         for o in range(c):
@@ -158,14 +168,14 @@ def test_parity_figures(ternary_files):
 def test_4bit_levels_fixed_and_exact(tmp_path):
     x, y = data(seed=2)
     m, quant = quantized_trained(x, y, 7, seed=4, width=16)
-    f32 = export.convert(m, "float32")
-    raw = export.convert(m, "full_int8", x[:50])
-    before = export.check_weights(raw, f32, quant)
+    f32 = convert_lib.convert(m, "float32")
+    raw = convert_lib.convert(m, "full_int8", x[:50])
+    before = levels_lib.check_weights(raw, f32, quant)
     # The converter's own scale max|f|/127 rounds the 4-bit levels.
     assert any(not r["exact"] for r in before.values())
-    fixed = export.fix_quantized_weights(raw, f32, quant)
-    after = export.check_weights(fixed, f32, quant)
-    wq = export.weights_by_layer(fixed, QLAYERS)
+    fixed = levels_lib.fix_quantized_weights(raw, f32, quant)
+    after = levels_lib.check_weights(fixed, f32, quant)
+    wq = flatbuffer.weights_by_layer(fixed, QLAYERS)
     for name in QLAYERS:
         d = wq[name]["data"]
         assert after[name]["exact"], after[name]
@@ -175,7 +185,7 @@ def test_4bit_levels_fixed_and_exact(tmp_path):
         assert after[name]["levels_per_channel_max"] <= 15
         if not name.endswith("conv1"):  # nothing folded: scale * int8 == Q(w)
             assert after[name]["max_rel_err_vs_qw"] < 1e-6
-    par = export.parity_deterministic(fixed, m, x, y)
+    par = parity.parity_deterministic(fixed, m, x, y)
     assert par["top1_agreement"] >= 0.995
 
 
@@ -184,19 +194,19 @@ def test_parity_failure_raises(tmp_path):
     m = tiny_resnet()
     other = tiny_resnet()
     fit_briefly(m, x, y)
-    b = export.convert(other, "float32")
-    with pytest.raises(export.ParityError, match="agrees with Keras"):
-        export.parity_deterministic(b, m, x, y)
+    b = convert_lib.convert(other, "float32")
+    with pytest.raises(errors.ParityError, match="agrees with Keras"):
+        parity.parity_deterministic(b, m, x, y)
 
 
 def test_noisy_export_random_op_and_accuracy_parity(tmp_path):
     x, y = data(n=60)
     m, quant = quantized_trained(x, y, 1, seed=5, sigma=0.1)
-    es = export.export_model(m, str(tmp_path), "noisy", quant, x[:30], x, y, noise=True,
+    es = deploy_export.export_model(m, str(tmp_path), "noisy", quant, x[:30], x, y, noise=True,
                              formats=("float32",), noise_examples=60, noise_runs=2)
     b = (tmp_path / "noisy_float32.tflite").read_bytes()
-    mo = export._read(b)
-    ops = {export.flatbuffer_utils.opcode_to_name(mo, op.opcodeIndex)
+    mo = flatbuffer._read(b)
+    ops = {flatbuffer.flatbuffer_utils.opcode_to_name(mo, op.opcodeIndex)
            for op in mo.subgraphs[0].operators}
     assert "RANDOM_STANDARD_NORMAL" in ops
     p = es[0]["parity"]
@@ -204,10 +214,10 @@ def test_noisy_export_random_op_and_accuracy_parity(tmp_path):
     # Exported seeds are zeroed, so two interpreters draw different noise (the
     # converter had fixed seeds: the test set a global seed).
     assert [s[1:] for s in es[0]["random_ops"]] == [(0, 0), (0, 0)]
-    assert all(s[1:] != (0, 0) for s in export.random_op_seeds(export.convert(m, "float32")))
+    assert all(s[1:] != (0, 0) for s in flatbuffer.random_op_seeds(convert_lib.convert(m, "float32")))
     x0 = np.repeat(x[:1], 4, axis=0)
-    l1 = export.tflite_logits(b, x0)
-    l2 = export.tflite_logits(b, x0)
+    l1 = parity.tflite_logits(b, x0)
+    l2 = parity.tflite_logits(b, x0)
     assert np.abs(l1 - l2).max() > 0
     assert np.abs(l1[1:] - l1[:1]).max() > 0  # successive invokes differ too
 
@@ -217,7 +227,7 @@ def test_noisy_export_random_op_and_accuracy_parity(tmp_path):
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from brkeras import layers, models, quantize, training  # noqa: E402
+from brkeras.nn import layers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import smoke  # noqa: E402  pylint: disable=wrong-import-position
@@ -246,7 +256,7 @@ def test_noise_bank_has_the_pool_structure():
 def test_deploy_model_same_map_and_one_random_op_each():
     keras.utils.set_random_seed(0)
     m = models.build_model((8, 8, 1), 3, depth=8, width=4, sigma=0.1, noise_pool=8)
-    d = export.deploy_model(m)
+    d = nn_deploy.deploy_model(m)
     assert d.inputs[0].shape[0] == 1 and d.get_layer("noise_bank").sizes == [256, 128, 64]
     # With sigma -> 0 both are the same deterministic map: set sigma 0 on the copies.
     for layer in d.layers:
@@ -256,8 +266,8 @@ def test_deploy_model_same_map_and_one_random_op_each():
     m0.set_weights(m.get_weights())
     x = np.random.default_rng(0).uniform(0, 1, (1, 8, 8, 1)).astype(np.float32)
     np.testing.assert_allclose(d(x).numpy(), m0(x).numpy(), rtol=1e-5, atol=1e-6)
-    mo = export._read(export.convert(export.deploy_model(m), "float32"))
-    ops = [export.flatbuffer_utils.opcode_to_name(mo, op.opcodeIndex)
+    mo = flatbuffer._read(convert_lib.convert(nn_deploy.deploy_model(m), "float32"))
+    ops = [flatbuffer.flatbuffer_utils.opcode_to_name(mo, op.opcodeIndex)
            for op in mo.subgraphs[0].operators]
     assert ops.count("RANDOM_STANDARD_NORMAL") == 1 and ops.count("RANDOM_UNIFORM") == 1
     assert ops.index("RANDOM_STANDARD_NORMAL") < ops.index("CONV_2D")
@@ -265,8 +275,8 @@ def test_deploy_model_same_map_and_one_random_op_each():
 
 def test_int8_qat_export(tmp_path):
     wd = str(tmp_path)
-    training.train(smoke.get_config("int8_qat,tradeoff"), wd, verbose=0)
-    res = export.export(wd)
+    train_lib.train(smoke.get_config("int8_qat,tradeoff"), wd, verbose=0)
+    res = run_export.export(wd)
     assert sorted(e["file"] for e in res["files"]) == ["det_qat_int8.tflite", "noisy_qat_int8.tflite"]
     assert sorted(os.listdir(os.path.join(wd, "export"))) == ["det_qat_int8.tflite",
                                                               "noisy_qat_int8.tflite"]
@@ -281,9 +291,11 @@ def test_int8_qat_export(tmp_path):
         else:
             assert p["top1_agreement"] >= 0.9 and e["random_ops"] == []
     # The sigma-0 QAT model gets every trained variable (weights, ranges) by layer.
-    qmodel = training.load(wd)
-    c = export._with_sigma(smoke.get_config("int8_qat,tradeoff"), 0.0)
-    q0 = export.copy_weights_by_name(qmodel, quantize.int8_qat(models.from_config(c, (28, 28, 1), 10)))
+    qmodel = train_lib.load(wd)
+    c = smoke.get_config("int8_qat,tradeoff")
+    c.model.sigma = 0.0
+    q0 = deploy_export.copy_weights_by_name(
+        qmodel, int8_qat_lib.int8_qat(train_lib.from_config(c, (28, 28, 1), 10)))
     src, dst = qmodel.get_weights(), q0.get_weights()
     assert len(src) == len(dst) > 30
     for a, b in zip(src, dst):

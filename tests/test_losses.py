@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from brkeras import losses
+from brkeras.robust import losses
 from brkeras._keras import tf
 
 

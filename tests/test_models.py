@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from brkeras import config as config_lib
-from brkeras import layers, models
+from brkeras.run import config as config_lib
+from brkeras.nn import layers
+from brkeras.nn import models
+from brkeras.run import train as train_lib
 from brkeras._keras import keras, tf
 
 
@@ -179,7 +181,7 @@ def test_model_json_round_trip():
 def test_from_config_reads_model_fields():
     c = config_lib.base_config()
     c.model.depth, c.model.width, c.model.ensemble, c.model.sigma, c.model.noise_pool = 14, 2, 2, 0.2, 1
-    model = models.from_config(c, (28, 28, 1), 7)
+    model = train_lib.from_config(c, (28, 28, 1), 7)
     assert model.output_shape == (None, 7)
     names = {l.name for l in model.layers}
     assert "m1_s3_b1_noise" in names and "m0_s1_b2_bn1" not in names  # depth 14: n = 2

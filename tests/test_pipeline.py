@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from brkeras import errors, pipeline, summary, workdir as workdir_lib
+from brkeras import errors
+from brkeras.run import pipeline
+from brkeras.run import summary
+from brkeras.run import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -64,22 +67,23 @@ def mtimes(directory):
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     """A pipeline whose second model's export fails, then the same pipeline run again."""
-    from brkeras import export  # pylint: disable=g-import-not-at-top
+    pass
+    from brkeras.run import export as run_export
 
     pdir = str(tmp_path_factory.mktemp("pipeline"))
     config = small_config()
-    real_export = export.export
+    real_export = run_export.export
 
     def failing_export(workdir, **kwargs):
         if workdir.endswith(DIRS[1]):
             raise RuntimeError("simulated crash in export")
         return real_export(workdir, **kwargs)
 
-    export.export = failing_export
+    run_export.export = failing_export
     try:
         first, out1 = run_quiet(config, pdir)
     finally:
-        export.export = real_export
+        run_export.export = real_export
     with open(os.path.join(pdir, "summary.json")) as f:
         summary1 = json.load(f)
     before = {d: mtimes(os.path.join(pdir, d)) for d in DIRS}
@@ -185,12 +189,13 @@ def test_summary_json(pipe):
 def test_summary_md(pipe):
     with open(os.path.join(pipe["dir"], "summary.md")) as f:
         text = f.read()
-    header = "| " + " | ".join(c for c, _ in summary.COLUMNS) + " |"
-    assert header in text
     lines = text.splitlines()
-    body = lines[lines.index(header) + 2:lines.index(header) + 2 + len(DIRS)]
-    assert [line.split(" | ")[0] for line in body] == [f"| {d}" for d in DIRS]
-    assert all(line.count("|") == len(summary.COLUMNS) + 1 for line in body)
+    for columns in (summary.COLUMNS, summary.EFFICIENCY):
+        header = "| " + " | ".join(c for c, _, _ in columns) + " |"
+        assert header in text
+        body = lines[lines.index(header) + 2:lines.index(header) + 2 + len(DIRS)]
+        assert [line.split(" | ")[0] for line in body] == [f"| {d}" for d in DIRS]
+        assert all(line.count("|") == len(columns) + 1 for line in body)
 
 
 def test_changed_training_config_is_refused(pipe):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from brkeras._keras import keras, tf
-from brkeras import prune
+from brkeras.deploy import prune
 
-from brkeras.layers import FeynmanKacNoise
+from brkeras.nn.layers import FeynmanKacNoise
 
 L = keras.layers
 

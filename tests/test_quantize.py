@@ -9,7 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brkeras import config, quantize, quantizers
+from brkeras.run import config
+from brkeras.quant import ops as quantizers
+from brkeras.quant import binary_relax
+from brkeras.quant import int8_qat as int8_qat_lib
+from brkeras.quant import schedule as schedule_lib
+from brkeras.run import train as train_lib
 from brkeras._keras import keras, tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +80,7 @@ def images(n=4, seed=1):
 
 
 def wrapped_names(model):
-    return sorted(l.layer.name for l in model.layers if isinstance(l, quantize.QuantizeWrapper))
+    return sorted(l.layer.name for l in model.layers if isinstance(l, binary_relax.QuantizeWrapper))
 
 
 def op_types(model):
@@ -86,66 +91,66 @@ def op_types(model):
 
 def test_only_annotated_layers_are_wrapped():
     model = tiny_resnet()
-    q = quantize.quantize_model(model, qcfg())
+    q = train_lib.quantize_from_config(model, qcfg())
     assert wrapped_names(q) == sorted(CONV3)
     # Every other layer is the original class, no QuantizeLayer, no fake-quant op.
     assert [l.name for l in q.layers if type(l).__name__ == "QuantizeLayer"] == []
     unwrapped = {l.name: type(l).__name__ for l in q.layers
-                 if not isinstance(l, quantize.QuantizeWrapper)}
+                 if not isinstance(l, binary_relax.QuantizeWrapper)}
     assert unwrapped["m0_s1_b0_relu1"] == "ReLU" and unwrapped["m0_s1_b0_shortcut"] == "Conv2D"
     assert unwrapped["m0_logits"] == "Dense" and unwrapped["m0_s1_b0_bn1"] == "BatchNormalization"
     assert not any("FakeQuant" in t for t in op_types(q))
-    assert any("FakeQuant" in t for t in op_types(quantize.int8_qat(model)))  # the contrast
+    assert any("FakeQuant" in t for t in op_types(int8_qat_lib.int8_qat(model)))  # the contrast
     # Float weights carried over from the float model.
     for name in CONV3:
-        _, w, _, _ = [t for t in quantize.br_quantizers(q) if t[0].layer.name == name][0]
+        _, w, _, _ = [t for t in binary_relax.br_quantizers(q) if t[0].layer.name == name][0]
         np.testing.assert_array_equal(w.numpy(), model.get_layer(name).kernel.numpy())
-    assert quantize.br_state(q) == (1.0, False)
+    assert binary_relax.br_state(q) == (1.0, False)
     # Other kinds on request, and the float model untouched.
-    q2 = quantize.quantize_model(model, qcfg(layers=("conv3x3", "conv1x1", "dense")))
+    q2 = train_lib.quantize_from_config(model, qcfg(layers=("conv3x3", "conv1x1", "dense")))
     assert wrapped_names(q2) == sorted(CONV3 + ["m0_s1_b0_shortcut", "m0_logits"])
-    assert all(not isinstance(l, quantize.QuantizeWrapper) for l in model.layers)
+    assert all(not isinstance(l, binary_relax.QuantizeWrapper) for l in model.layers)
     assert q.get_layer("m0_logits").kernel is not model.get_layer("m0_logits").kernel
-    assert quantize.quantize_model(model, qcfg("float")) is model
+    assert train_lib.quantize_from_config(model, qcfg("float")) is model
 
 
 def test_keep_float_leaves_named_layers_float():
     model = tiny_resnet()
     c = qcfg()
     c.keep_float = ("conv0$",)
-    q = quantize.quantize_model(model, c)
+    q = train_lib.quantize_from_config(model, c)
     assert wrapped_names(q) == ["m0_s1_b0_conv1", "m0_s1_b0_conv2"]
     stem = q.get_layer("m0_conv0")
     assert type(stem).__name__ == "Conv2D"
     np.testing.assert_array_equal(stem.kernel.numpy(), model.get_layer("m0_conv0").kernel.numpy())
     with pytest.raises(ValueError, match="invalid regex"):
         c.keep_float = ("conv0(",)
-        quantize.quantize_model(model, c)
-    with pytest.raises(ValueError, match="outside config.quant.keep_float"):
+        train_lib.quantize_from_config(model, c)
+    with pytest.raises(ValueError, match="outside keep_float"):
         c.keep_float = ("conv",)
-        quantize.quantize_model(model, c)
+        train_lib.quantize_from_config(model, c)
 
 
 def test_validation():
     model = tiny_resnet()
     with pytest.raises(ValueError, match="conv1x1"):
-        quantize.quantize_model(model, qcfg(layers=("conv3x3", "depthwise")))
+        train_lib.quantize_from_config(model, qcfg(layers=("conv3x3", "depthwise")))
     with pytest.raises(ValueError, match="int8_qat"):
-        quantize.quantize_model(model, qcfg("octal"))
+        train_lib.quantize_from_config(model, qcfg("octal"))
     with pytest.raises(ValueError, match="no Binary-Relax"):
-        quantize.br_state(model)
+        binary_relax.br_state(model)
     x = keras.Input((4,))
     with pytest.raises(ValueError, match="no layer of the kinds"):
-        quantize.quantize_model(keras.Model(x, keras.layers.ReLU()(x)), qcfg())
+        train_lib.quantize_from_config(keras.Model(x, keras.layers.ReLU()(x)), qcfg())
 
 
 def _wrapper(q, name):
-    return [t for t in quantize.br_quantizers(q) if t[0].layer.name == name][0]
+    return [t for t in binary_relax.br_quantizers(q) if t[0].layer.name == name][0]
 
 
 @pytest.mark.parametrize("precision,per_channel", [("binary", False), ("4bit", True)])
 def test_forward_phase_one_and_two(precision, per_channel):
-    q = quantize.quantize_model(tiny_resnet(), qcfg(precision, per_channel=per_channel))
+    q = train_lib.quantize_from_config(tiny_resnet(), qcfg(precision, per_channel=per_channel))
     wrapper, w, quantizer, qvars = _wrapper(q, "m0_s1_b0_conv1")
     assert quantizer.q_fn.keywords["per_channel"] is per_channel
     qw = quantizers.get(precision, per_channel=per_channel)(w).numpy()
@@ -155,19 +160,19 @@ def test_forward_phase_one_and_two(precision, per_channel):
         return tf.nn.conv2d(x, kernel, strides=2, padding="SAME").numpy()
 
     lam = 2.5
-    quantize.set_br_state(q, lam=lam, exact=False)
+    binary_relax.set_br_state(q, lam=lam, exact=False)
     u = (lam * qw + w.numpy()) / (1 + lam)
     for training in (True, False):  # the forward ignores the training flag
         np.testing.assert_allclose(wrapper(x, training=training).numpy(), conv(u),
                                    rtol=1e-5, atol=1e-5)
-    quantize.set_exact(q)
-    assert quantize.br_state(q) == (2.5, True)
+    binary_relax.set_exact(q)
+    assert binary_relax.br_state(q) == (2.5, True)
     for training in (True, False):
         np.testing.assert_allclose(wrapper(x, training=training).numpy(), conv(qw),
                                    rtol=1e-5, atol=1e-5)
     # The function itself: phase II is Q(w) bit for bit.
     np.testing.assert_array_equal(
-            quantize.binary_relax(w, quantizer.q_fn, 2.5, 1.0).numpy(), qw)
+            binary_relax.binary_relax(w, quantizer.q_fn, 2.5, 1.0).numpy(), qw)
     levels = quantizers.num_levels(precision)
     groups = [qw] if not per_channel else [qw[..., c] for c in range(qw.shape[-1])]
     counts = [len(np.unique(g)) for g in groups]
@@ -177,15 +182,15 @@ def test_forward_phase_one_and_two(precision, per_channel):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_straight_through_gradient(exact):
-    q = quantize.quantize_model(tiny_resnet(), qcfg("ternary"))
-    quantize.set_br_state(q, lam=1.7, exact=exact)
+    q = train_lib.quantize_from_config(tiny_resnet(), qcfg("ternary"))
+    binary_relax.set_br_state(q, lam=1.7, exact=exact)
     wrapper, w, quantizer, _ = _wrapper(q, "m0_s1_b0_conv2")
     x = tf.constant(np.random.default_rng(2).normal(size=(2, 4, 4, 8)), tf.float32)
     r = tf.constant(np.random.default_rng(3).normal(size=(2, 4, 4, 8)), tf.float32)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(wrapper(x, training=True)) * r)
     dw = tape.gradient(loss, w)
-    u = tf.Variable(quantize.binary_relax(w, quantizer.q_fn, 1.7, float(exact)))
+    u = tf.Variable(binary_relax.binary_relax(w, quantizer.q_fn, 1.7, float(exact)))
     with tf.GradientTape() as tape:
         loss_u = tf.reduce_sum(tf.square(tf.nn.conv2d(x, u, 1, "SAME")) * r)
     du = tape.gradient(loss_u, u)
@@ -195,20 +200,20 @@ def test_straight_through_gradient(exact):
 
 
 def test_schedule_sets_lam_and_phase():
-    q = quantize.quantize_model(tiny_resnet(), qcfg("binary"))
-    sched = quantize.BinaryRelaxSchedule(lam0=1.0, rho=1.05, phase2_epoch=5)
+    q = train_lib.quantize_from_config(tiny_resnet(), qcfg("binary"))
+    sched = schedule_lib.BinaryRelaxSchedule(lam0=1.0, rho=1.05, phase2_epoch=5)
     sched.set_model(q)
     for epoch in (7, 0, 4, 5, 2):  # any order: a pure function of the epoch
         sched.on_epoch_begin(epoch)
-        for _, _, _, v in quantize.br_quantizers(q):
+        for _, _, _, v in binary_relax.br_quantizers(q):
             assert v["br_lam"].numpy() == np.float32(1.05**epoch)
             assert v["br_exact"].numpy() == (1.0 if epoch >= 5 else 0.0)
     with pytest.raises(ValueError, match="rho"):
-        quantize.BinaryRelaxSchedule(rho=0.9)
+        schedule_lib.BinaryRelaxSchedule(rho=0.9)
     c = config.base_config()
     c.optim.epochs, c.quant.phase2_fraction = 10, 0.6
-    assert quantize.schedule_for(c).state(5) == (1.05**5, False)
-    assert quantize.schedule_for(c).state(6) == (1.05**6, True)
+    assert train_lib.schedule_for(c).state(5) == (1.05**5, False)
+    assert train_lib.schedule_for(c).state(6) == (1.05**6, True)
 
     # A model wrapping the quantized graph (as the adversarial trainer does).
     class Outer(keras.Model):
@@ -221,25 +226,25 @@ def test_schedule_sets_lam_and_phase():
 
     sched.set_model(Outer(q))
     sched.on_epoch_begin(6)
-    assert quantize.br_state(q) == (np.float32(1.05**6), True)
-    assert len(quantize.br_quantizers(Outer(q))) == 3
+    assert binary_relax.br_state(q) == (np.float32(1.05**6), True)
+    assert len(binary_relax.br_quantizers(Outer(q))) == 3
 
     # Inside fit: the state seen at the end of every epoch.
     seen = []
     record = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda e, logs: seen.append(quantize.br_state(q)))
+            on_epoch_end=lambda e, logs: seen.append(binary_relax.br_state(q)))
     q.compile(optimizer=keras.optimizers.SGD(0.01),
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     y = np.arange(4) % 10
     q.fit(images(), y, epochs=4, batch_size=4, verbose=0,
-          callbacks=[quantize.BinaryRelaxSchedule(2.0, 1.5, 2), record])
+          callbacks=[schedule_lib.BinaryRelaxSchedule(2.0, 1.5, 2), record])
     assert seen == [(2.0, False), (3.0, False), (4.5, True), (6.75, True)]
 
 
 def test_checkpoint_and_h5_round_trip(tmp_path):
     model = tiny_resnet()
-    q = quantize.quantize_model(model, qcfg("4bit"))
-    quantize.set_br_state(q, lam=3.0, exact=True)
+    q = train_lib.quantize_from_config(model, qcfg("4bit"))
+    binary_relax.set_br_state(q, lam=3.0, exact=True)
     ref = [v.numpy() for v in q.weights]
     names = [v.name for v in q.weights]
     assert sum(n.endswith("br_lam:0") for n in names) == 3
@@ -249,40 +254,40 @@ def test_checkpoint_and_h5_round_trip(tmp_path):
     q.save_weights(str(tmp_path / "w.h5"))
     for v in q.weights:
         v.assign(tf.zeros_like(v) + 0.25 if v.dtype == tf.float32 else tf.zeros_like(v))
-    quantize.set_br_state(q, lam=9.0, exact=False)
+    binary_relax.set_br_state(q, lam=9.0, exact=False)
     tf.train.Checkpoint(model=q).read(path).assert_existing_objects_matched()
     for a, b in zip(ref, [v.numpy() for v in q.weights]):
         np.testing.assert_array_equal(a, b)
-    assert quantize.br_state(q) == (3.0, True)
+    assert binary_relax.br_state(q) == (3.0, True)
 
-    q2 = quantize.quantize_model(model, qcfg("4bit"))
-    assert quantize.br_state(q2) == (1.0, False)
+    q2 = train_lib.quantize_from_config(model, qcfg("4bit"))
+    assert binary_relax.br_state(q2) == (1.0, False)
     q2.load_weights(str(tmp_path / "w.h5"))
-    assert quantize.br_state(q2) == (3.0, True)
+    assert binary_relax.br_state(q2) == (3.0, True)
     for a, b in zip(ref, [v.numpy() for v in q2.weights]):
         np.testing.assert_array_equal(a, b)
 
     # Full-model .h5 through custom_object_scope (the .keras format fails in tfmot).
     q.save(str(tmp_path / "m.h5"))
-    with quantize.custom_object_scope():
+    with binary_relax.custom_object_scope():
         q3 = keras.models.load_model(str(tmp_path / "m.h5"), compile=False)
-    assert quantize.br_state(q3) == (3.0, True)
+    assert binary_relax.br_state(q3) == (3.0, True)
     np.testing.assert_allclose(q3(images(), training=False), q(images(), training=False),
                                rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layers", [("conv3x3",), ("conv3x3", "conv1x1", "dense")])
 def test_copy_to_float_matches_phase_two(layers):
-    q = quantize.quantize_model(tiny_resnet(seed=0), qcfg("ternary", layers=layers))
-    kernels = quantize.quantized_kernels(q)
+    q = train_lib.quantize_from_config(tiny_resnet(seed=0), qcfg("ternary", layers=layers))
+    kernels = binary_relax.quantized_kernels(q)
     want_names = CONV3 + (["m0_s1_b0_shortcut", "m0_logits"] if len(layers) > 1 else [])
     assert sorted(kernels) == sorted(want_names)
     for name, k in kernels.items():
         assert len(np.unique(k)) == 3, name
     assert kernels["m0_conv0"].shape == (3, 3, 3, 4)  # HWIO
 
-    quantize.set_exact(q)
-    deploy = quantize.copy_to_float(q, tiny_resnet(seed=5))
+    binary_relax.set_exact(q)
+    deploy = binary_relax.copy_to_float(q, tiny_resnet(seed=5))
     x = images(8)
     np.testing.assert_allclose(deploy(x, training=False).numpy(),
                                q(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
@@ -295,14 +300,14 @@ def test_copy_to_float_matches_phase_two(layers):
         np.testing.assert_array_equal(deploy.get_layer("m0_logits").bias.numpy(),
                                       tiny_resnet(seed=0).get_layer("m0_logits").bias.numpy())
     with pytest.raises(ValueError, match="weight shapes differ"):
-        quantize.copy_to_float(q, tiny_resnet(width=6))
+        binary_relax.copy_to_float(q, tiny_resnet(width=6))
 
 
 def test_int8_qat_runs_with_custom_layer():
     model = tiny_resnet()
     x = images(8)
-    with quantize.custom_object_scope():
-        q8 = quantize.quantize_model(model, qcfg("int8_qat"))
+    with binary_relax.custom_object_scope():
+        q8 = train_lib.quantize_from_config(model, qcfg("int8_qat"))
     types = {l.name: type(l).__name__ for l in q8.layers}
     assert types["m0_s1_b0_noise"] == "StubNoise"  # custom layer left float
     assert "QuantizeLayer" in types.values()
@@ -326,7 +331,8 @@ MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
-    from brkeras import quantize
+    from brkeras.quant import binary_relax, schedule as schedule_lib
+    from brkeras.run import train as train_lib
     import ml_collections
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
@@ -336,17 +342,17 @@ MIRRORED = textwrap.dedent("""
         m = keras.Model(x, keras.layers.Dense(2, name="d")(h))
         c = ml_collections.ConfigDict(dict(precision="binary", bits=4, per_channel=False,
                                            layers=("conv3x3",)))
-        q = quantize.quantize_model(m, c)
+        q = train_lib.quantize_from_config(m, c)
         q.compile(optimizer=keras.optimizers.SGD(0.01),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    (_, _, _, v), = quantize.br_quantizers(q)
+    (_, _, _, v), = binary_relax.br_quantizers(q)
     seen = []
     def rec(epoch, logs):
         lam = [float(t.numpy()) for t in strategy.experimental_local_results(v["br_lam"])]
         ex = [float(t.numpy()) for t in strategy.experimental_local_results(v["br_exact"])]
         seen.append((type(v["br_lam"]).__name__, lam, ex))
     q.fit(np.ones((8, 6, 6, 2), np.float32), np.zeros(8), batch_size=4, epochs=3, verbose=0,
-          callbacks=[quantize.BinaryRelaxSchedule(1.0, 2.0, 2),
+          callbacks=[schedule_lib.BinaryRelaxSchedule(1.0, 2.0, 2),
                      keras.callbacks.LambdaCallback(on_epoch_end=rec)])
     print("SEEN", seen)
 """)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from brkeras import quantizers
+from brkeras.quant import ops as quantizers
 from brkeras._keras import tf
 
 SHAPES = [(3, 3, 4, 8), (3, 3, 16, 16), (32, 10), (5, 5, 3, 6)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from brkeras._keras import keras, tf
-from brkeras import sparsity
+from brkeras.quant import sparsity
 
 
 def _conv_kernel():

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from brkeras import errors
-from brkeras import losses
-from brkeras import training
-from brkeras import workdir as workdir_lib
+from brkeras.robust import losses
+from brkeras.train import adversarial_model
+from brkeras.quant import binary_relax
+from brkeras.run import train as train_lib
+from brkeras.run import workdir as workdir_lib
 from brkeras._keras import keras, tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +52,7 @@ def _toy_net():
 def test_short_fit_lowers_the_loss(loss_name):
     keras.utils.set_random_seed(1)
     x, y = _toy_data()
-    trainer = training.AdversarialModel(_toy_net(), losses.get(loss_name), eps=0.05,
+    trainer = adversarial_model.AdversarialModel(_toy_net(), losses.get(loss_name), eps=0.05,
                                         eps_iter=0.02, steps=3, weight_decay=5e-4)
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     hist = trainer.fit(x, y, batch_size=64, epochs=6, verbose=0).history
@@ -62,11 +64,11 @@ def test_attack_in_train_step_respects_box_and_lowers_accuracy():
     keras.utils.set_random_seed(2)
     x, y = _toy_data()
     net = _toy_net()
-    trainer = training.AdversarialModel(net, losses.get("natural"), eps=0.2,
+    trainer = adversarial_model.AdversarialModel(net, losses.get("natural"), eps=0.2,
                                         eps_iter=0.05, steps=10)
     trainer.compile(optimizer=keras.optimizers.Adam(0.02))
     trainer.fit(x, y, batch_size=64, epochs=15, verbose=0)
-    attacker = training.AdversarialModel(net, losses.get("pgd"), eps=0.2, eps_iter=0.05, steps=10)
+    attacker = adversarial_model.AdversarialModel(net, losses.get("pgd"), eps=0.2, eps_iter=0.05, steps=10)
     x_adv = attacker.adversarial_examples(tf.constant(x), tf.constant(y), training=False).numpy()
     assert np.max(np.abs(x_adv - x)) <= 0.2 + 1e-6
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -80,7 +82,7 @@ def test_weight_decay_is_l2_on_the_gradient():
     net = _toy_net()
     x, y = _toy_data(64)
     w0 = [v.numpy() for v in net.trainable_variables]
-    trainer = training.AdversarialModel(net, losses.get("natural"), 0.0, 0.0, 0, weight_decay=0.1)
+    trainer = adversarial_model.AdversarialModel(net, losses.get("natural"), 0.0, 0.0, 0, weight_decay=0.1)
     trainer.compile(optimizer=keras.optimizers.SGD(0.5))
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(losses.cross_entropy(y, net(x, training=True)))
@@ -92,7 +94,7 @@ def test_weight_decay_is_l2_on_the_gradient():
 
 def test_train_writes_workdir_and_load_gives_exact_ternary(tmp_path):
     wd = str(tmp_path / "run")
-    rows = training.train(smoke_config(), wd, verbose=0)
+    rows = train_lib.train(smoke_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"loss", "nat_acc", "adv_acc", "lr", "br_lam", "br_exact"} <= set(rows[0])
     # Binary-Relax schedule: phase I in epoch 1 (lam0), exact from epoch 2 (fraction 0.5).
@@ -100,34 +102,34 @@ def test_train_writes_workdir_and_load_gives_exact_ternary(tmp_path):
     assert rows[1]["br_lam"] == pytest.approx(1.05) and rows[1]["br_exact"] is True
     assert workdir_lib.read_state(wd) == {"completed_epochs": 2, "finished": True}
     assert json.load(open(os.path.join(wd, "config.json")))["quant"]["precision"] == "ternary"
-    net = training.load(wd)
-    from brkeras import quantize  # pylint: disable=import-outside-toplevel
-    kernels = quantize.quantized_kernels(net)
+    net = train_lib.load(wd)
+
+    kernels = binary_relax.quantized_kernels(net)
     assert kernels, "no quantized layer"
     assert all(len(np.unique(k)) == 3 for k in kernels.values())
     # The loaded model is in phase II: its forward kernels u are exactly Q(w).
-    for wrapper, weight, quantizer, qvars in quantize.br_quantizers(net):
+    for wrapper, weight, quantizer, qvars in binary_relax.br_quantizers(net):
         u = quantizer(weight, training=False, weights=qvars).numpy()
         np.testing.assert_array_equal(u, kernels[wrapper.layer.name])
     with pytest.raises(errors.WorkdirError, match="finished"):
-        training.train(smoke_config(), wd, verbose=0)
+        train_lib.train(smoke_config(), wd, verbose=0)
 
 
 def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path, monkeypatch):
     wd = str(tmp_path / "run")
-    original = training.EpochLogger.on_epoch_end
+    original = train_lib.EpochLogger.on_epoch_end
 
     def killed_after_first_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 0:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", killed_after_first_epoch)
+    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        training.train(smoke_config(), wd, verbose=0)
+        train_lib.train(smoke_config(), wd, verbose=0)
     assert workdir_lib.read_state(wd) == {"completed_epochs": 1, "finished": False}
-    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", original)
-    rows = training.train(smoke_config(), wd, verbose=0)
+    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", original)
+    rows = train_lib.train(smoke_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(wd, "ckpt")))
     iterations = [k for k in ckpt.get_variable_to_shape_map() if "optimizer/_iterations" in k]
@@ -136,17 +138,17 @@ def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path, monkeypatch
 
 def test_batchnorm_reestimation_is_saved_and_redone_after_a_kill(tmp_path, monkeypatch):
     wd = str(tmp_path / "run")
-    original = training.batchnorm.reestimate
+    original = train_lib.batchnorm.reestimate
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed during re-estimation")
 
-    monkeypatch.setattr(training.batchnorm, "reestimate", killed)
+    monkeypatch.setattr(train_lib.batchnorm, "reestimate", killed)
     with pytest.raises(KeyboardInterrupt):
-        training.train(smoke_config(), wd, verbose=0)
+        train_lib.train(smoke_config(), wd, verbose=0)
     # All epochs are checkpointed, but the run is not finished without it.
     assert workdir_lib.read_state(wd) == {"completed_epochs": 2, "finished": False}
-    assert not os.path.exists(os.path.join(wd, training.BN_REPORT))
+    assert not os.path.exists(os.path.join(wd, train_lib.BN_REPORT))
     set_stats = []
 
     def counted(net, batches):
@@ -154,23 +156,23 @@ def test_batchnorm_reestimation_is_saved_and_redone_after_a_kill(tmp_path, monke
         set_stats.append(net.get_layer("m0_s1_b0_bn1").moving_mean.numpy().copy())
         return report
 
-    monkeypatch.setattr(training.batchnorm, "reestimate", counted)
-    rows = training.train(smoke_config(), wd, verbose=0)
+    monkeypatch.setattr(train_lib.batchnorm, "reestimate", counted)
+    rows = train_lib.train(smoke_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2] and len(set_stats) == 1
     assert workdir_lib.read_state(wd)["finished"] is True
-    report = json.load(open(os.path.join(wd, training.BN_REPORT)))
+    report = json.load(open(os.path.join(wd, train_lib.BN_REPORT)))
     # 2 training batches (smoke config), each adversarial and natural (trade-off loss).
     assert report["training_batches"] == 2 and report["input_batches"] == 4
     # The checkpoint holds the re-estimated statistics.
-    loaded = training.load(wd).get_layer("m0_s1_b0_bn1").moving_mean.numpy()
+    loaded = train_lib.load(wd).get_layer("m0_s1_b0_bn1").moving_mean.numpy()
     np.testing.assert_array_equal(loaded, set_stats[0])
 
 
 def test_fine_tune_starts_from_the_source_and_resumes_without_it(tmp_path, monkeypatch):
     source, wd = str(tmp_path / "float"), str(tmp_path / "ternary")
-    training.train(smoke_config("float,tradeoff", optim__epochs=1), source, verbose=0)
-    source_kernel = training.load(source).get_layer("m0_conv0").kernel.numpy()
-    original = training.EpochLogger.on_epoch_end
+    train_lib.train(smoke_config("float,tradeoff", optim__epochs=1), source, verbose=0)
+    source_kernel = train_lib.load(source).get_layer("m0_conv0").kernel.numpy()
+    original = train_lib.EpochLogger.on_epoch_end
     built_from = []
 
     def killed_after_first_epoch(self, epoch, logs=None):
@@ -182,18 +184,18 @@ def test_fine_tune_starts_from_the_source_and_resumes_without_it(tmp_path, monke
         built_from.append(init_weights)
         return net
 
-    build = training.build_network
-    monkeypatch.setattr(training, "build_network", capture)
-    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", killed_after_first_epoch)
+    build = train_lib.build_network
+    monkeypatch.setattr(train_lib, "build_network", capture)
+    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        training.train(smoke_config(init_from=source), wd, verbose=0)
-    # Two builds: the source's (training.load, inside initial_weights), then the run's.
+        train_lib.train(smoke_config(init_from=source), wd, verbose=0)
+    # Two builds: the source's (train_lib.load, inside initial_weights), then the run's.
     assert len(built_from) == 2
     assert any(w.shape == source_kernel.shape and np.array_equal(w, source_kernel)
                for w in built_from[1])
-    monkeypatch.setattr(training.EpochLogger, "on_epoch_end", original)
+    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", original)
     shutil.rmtree(source)  # the resume must not need the source any more
-    rows = training.train(smoke_config(init_from=source), wd, verbose=0)
+    rows = train_lib.train(smoke_config(init_from=source), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert len(built_from) == 3 and built_from[2] is None  # built once, not from the source
 
@@ -201,29 +203,29 @@ def test_fine_tune_starts_from_the_source_and_resumes_without_it(tmp_path, monke
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     wd = str(tmp_path / "run")
     with pytest.raises(errors.NonFiniteLossError, match="last good checkpoint"):
-        training.train(smoke_config("float,natural", optim__lr=1e30), wd, verbose=0)
+        train_lib.train(smoke_config("float,natural", optim__lr=1e30), wd, verbose=0)
     assert workdir_lib.read_state(wd)["finished"] is False
     assert os.path.exists(os.path.join(wd, "config.json"))
 
 
 def test_load_round_trip_is_exact_without_noise(tmp_path):
     wd = str(tmp_path / "run")
-    training.train(smoke_config("4bit,pgd", model__sigma=0.0), wd, verbose=0)
-    a, b = training.load(wd), training.load(wd)
+    train_lib.train(smoke_config("4bit,pgd", model__sigma=0.0), wd, verbose=0)
+    a, b = train_lib.load(wd), train_lib.load(wd)
     x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
     np.testing.assert_array_equal(a(x).numpy(), b(x).numpy())
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     wd = str(tmp_path / "run")
-    training.train(smoke_config("float,natural", optim__epochs=1, quant__phase2_fraction=-1.0), wd,
+    train_lib.train(smoke_config("float,natural", optim__epochs=1, quant__phase2_fraction=-1.0), wd,
                    verbose=0)
     for name in os.listdir(os.path.join(wd, "ckpt")):
         if ".data-" in name:
             with open(os.path.join(wd, "ckpt", name), "wb") as f:
                 f.write(b"garbage")
     with pytest.raises(errors.WorkdirError, match="corrupt"):
-        training.load(wd)
+        train_lib.load(wd)
 
 
 def test_mirrored_strategy_over_two_cpu_devices(tmp_path):
@@ -234,16 +236,17 @@ from brkeras._keras import tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-from brkeras import training, quantize
+from brkeras.quant import binary_relax
+from brkeras.run import train as train_lib
 from configs import smoke
 c = smoke.get_config("ternary,tradeoff")
 c.strategy = "mirrored"
 assert c.optim.bn_reestimate_batches > 0  # BatchNorm re-estimation under the strategy too
-rows = training.train(c, {str(tmp_path / 'run')!r}, verbose=0)
-net = training.load({str(tmp_path / 'run')!r})
+rows = train_lib.train(c, {str(tmp_path / 'run')!r}, verbose=0)
+net = train_lib.load({str(tmp_path / 'run')!r})
 assert [r["epoch"] for r in rows] == [1, 2], rows
 assert rows[1]["br_exact"] is True
-assert all(len(set(k.ravel())) <= 3 for k in quantize.quantized_kernels(net).values())
+assert all(len(set(k.ravel())) <= 3 for k in binary_relax.quantized_kernels(net).values())
 print("MIRRORED_OK", tf.distribute.MirroredStrategy().num_replicas_in_sync)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

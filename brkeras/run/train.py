@@ -1,20 +1,12 @@
-"""Adversarial training through plain `model.fit`: the PGD train step, checkpoints, resume.
+"""`brkeras train`: a whole training run in a work dir, and `load` of a trained one.
 
-`AdversarialModel` wraps the (possibly tfmot-quantized) functional network and
-shares its variables. Its `train_step` crafts L-inf PGD examples on the current
-weights u (the Binary-Relax quantizer's forward does not depend on the training
-flag, so the attack and the loss see the same u), stops the gradient through
-them, and applies the named loss of `brkeras.losses`. L2 weight decay is added
-to the gradient of the float weights, as PyTorch's SGD does. Because it is a
-`train_step`, `fit`, callbacks and tf.distribute strategies work unchanged.
-
-`train(config, workdir)` runs a whole training: checkpoints every epoch
-(tf.train.Checkpoint: weights, optimizer, Binary-Relax lam and phase, epoch),
-resumes an interrupted work dir from its last completed epoch, and stops on a
-NaN or Inf loss keeping the last good checkpoint.
+`train(config, workdir)` checkpoints every epoch (tf.train.Checkpoint: weights,
+optimizer, Binary-Relax lam and phase, epoch), resumes an interrupted work dir
+from its last completed epoch, and stops on a NaN or Inf loss keeping the last
+good checkpoint. `load(workdir)` rebuilds the network from config.json and
+restores its weights.
 """
 
-import json
 import os
 import shutil
 import time
@@ -22,98 +14,31 @@ import time
 import numpy as np
 from absl import logging
 
-from brkeras import attacks
-from brkeras import batchnorm
-from brkeras import config as config_lib
 from brkeras import data
-from brkeras import losses
-from brkeras import models
-from brkeras import quantize
-from brkeras import workdir as workdir_lib
 from brkeras.errors import NonFiniteLossError
+from brkeras.nn import models
+from brkeras.quant import binary_relax, group_sparsity, schedule as schedule_lib
+from brkeras.robust import losses
+from brkeras.run import config as config_lib
+from brkeras.run import workdir as workdir_lib
+from brkeras.train import batchnorm
+from brkeras.train.adversarial_model import AdversarialModel
+from brkeras.train import distribute
 from brkeras._keras import keras, tf
 
 
-def trades_attack(model_fn, x, eps, eps_iter, nb_iter, clip_min=0.0, clip_max=1.0):
-    """TRADES' inner maximisation: L-inf PGD on KL(f(x) || f(x')) from x + U[-0.001, 0.001]
-    (TRADES starts from x + 0.001 N(0, I); a start this small only breaks the tie at x)."""
-    p_logits = tf.stop_gradient(model_fn(x))
-    return attacks.pgd(model_fn, x, eps, eps_iter, nb_iter, clip_min=clip_min,
-                       clip_max=clip_max, y=p_logits, rand_init=True,
-                       rand_minmax=min(0.001, eps), loss_fn=losses.kl_divergence)
+def from_config(config, input_shape, num_classes):
+    """build_model from `config.model` (depth, width, ensemble, sigma, noise_pool)."""
+    c = config.model
+    return models.build_model(input_shape, num_classes, depth=c.depth, width=c.width,
+                       ensemble=c.ensemble, sigma=c.sigma, noise_pool=c.noise_pool)
 
 
-class AdversarialModel(keras.Model):
-    """Trains `net` with PGD examples crafted inside the train step.
-
-    Metrics: `loss`, `nat_acc` (natural accuracy on the batch) and `adv_acc`
-    (accuracy on the batch's adversarial examples). `test_step` reports the
-    same for held-out data with the network in inference mode.
-    """
-
-    def __init__(self, net, loss, eps, eps_iter, steps, rand_init=True,
-                 weight_decay=0.0, **kwargs):
-        super().__init__(name=kwargs.pop("name", "adversarial_trainer"), **kwargs)
-        if eps < 0 or eps_iter < 0 or steps < 0:
-            raise ValueError(f"eps, eps_iter and steps must be >= 0, got {eps}, {eps_iter}, {steps}")
-        self.net = net
-        self.loss_spec = loss
-        self.eps, self.eps_iter, self.steps = float(eps), float(eps_iter), int(steps)
-        self.rand_init = bool(rand_init)
-        self.weight_decay = float(weight_decay)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.nat_acc = keras.metrics.SparseCategoricalAccuracy(name="nat_acc")
-        self.adv_acc = keras.metrics.SparseCategoricalAccuracy(name="adv_acc")
-
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.nat_acc, self.adv_acc]
-
-    def call(self, x, training=False):
-        return self.net(x, training=training)
-
-    def adversarial_examples(self, x, y, training):
-        """PGD examples for the loss's attack ("ce" or "kl"); x itself if none."""
-        kind = self.loss_spec.attack
-        if kind is None or self.steps == 0 or self.eps == 0:
-            return x
-        model_fn = lambda z: self.net(z, training=training)  # noqa: E731
-        if kind == "kl":
-            return trades_attack(model_fn, x, self.eps, self.eps_iter, self.steps)
-        return attacks.pgd(model_fn, x, self.eps, self.eps_iter, self.steps, norm=np.inf,
-                           clip_min=0.0, clip_max=1.0, y=y, rand_init=self.rand_init)
-
-    def train_step(self, batch):
-        x, y = batch
-        # BatchNorm in training mode during the attack, as the reference does.
-        x_adv = tf.stop_gradient(self.adversarial_examples(x, y, training=True))
-        with tf.GradientTape() as tape:
-            logits_adv = self.net(x_adv, training=True)
-            logits_nat = (self.net(x, training=True) if self.loss_spec.second_forward
-                          else logits_adv)
-            per_example = self.loss_spec(y, logits_nat, logits_adv)
-            loss = tf.nn.compute_average_loss(per_example)
-        variables = self.net.trainable_variables
-        grads = tape.gradient(loss, variables)
-        if self.weight_decay:
-            # Gradients are summed over replicas; keep the decay's total at wd * w.
-            wd = self.weight_decay / tf.distribute.get_strategy().num_replicas_in_sync
-            grads = [g + wd * v for g, v in zip(grads, variables)]
-        self.optimizer.apply_gradients(zip(grads, variables))
-        self.loss_tracker.update_state(tf.reduce_mean(per_example))
-        self.nat_acc.update_state(y, logits_nat)
-        self.adv_acc.update_state(y, logits_adv)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, batch):
-        x, y = batch
-        x_adv = self.adversarial_examples(x, y, training=False)
-        logits_nat = self.net(x, training=False)
-        logits_adv = self.net(x_adv, training=False)
-        self.loss_tracker.update_state(tf.reduce_mean(self.loss_spec(y, logits_nat, logits_adv)))
-        self.nat_acc.update_state(y, logits_nat)
-        self.adv_acc.update_state(y, logits_adv)
-        return {m.name: m.result() for m in self.metrics}
+def quantize_from_config(net, quant):
+    """`binary_relax.quantize_model` with the fields of config.quant."""
+    return binary_relax.quantize_model(
+        net, quant.precision, bits=quant.get("bits", 4), per_channel=quant.get("per_channel", False),
+        layers=tuple(quant.get("layers", ("conv3x3",))), keep_float=quant.get("keep_float", ()))
 
 
 def build_network(config, input_shape, num_classes, init_weights=None):
@@ -123,10 +48,10 @@ def build_network(config, input_shape, num_classes, init_weights=None):
     (see `initial_weights`), set before quantization so the quantized model starts
     from them, the usual way to quantize a trained network.
     """
-    net = models.from_config(config, input_shape, num_classes)
+    net = from_config(config, input_shape, num_classes)
     if init_weights is not None:
         net.set_weights(init_weights)
-    return quantize.quantize_model(net, config.quant)
+    return quantize_from_config(net, config.quant)
 
 
 def initial_weights(config):
@@ -163,113 +88,24 @@ def make_optimizer(config, steps_per_epoch):
     return keras.optimizers.SGD(learning_rate=lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
-def make_strategy(name):
-    """The tf.distribute strategy of `config.strategy`.
-
-    "default": one device; "mirrored": MirroredStrategy over this machine's
-    devices (GPUs, or logical CPU devices); "multi_worker":
-    MultiWorkerMirroredStrategy from TF_CONFIG. That one configures collective
-    ops, so it must exist before any other TensorFlow op of the process runs.
-    """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError("config.strategy='multi_worker' needs the TF_CONFIG environment "
-                             "variable (cluster and task); see docs/multi_worker.md")
-        try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{e}: config.strategy='multi_worker' must be set up before any other "
-                "TensorFlow op of the process runs; call training.train in a fresh process "
-                "(e.g. `brkeras train`), not after other TensorFlow work") from e
-    raise ValueError(f"config.strategy={name!r}; choose one of {config_lib.STRATEGIES}")
+def schedule_for(c, steps_per_epoch=0):
+    """The BinaryRelaxSchedule of a full experiment config (config.base_config()),
+    with phase II at `config.phase2_epoch(c)` (fraction form included); lam grows
+    every step when c.quant.lam_per_step (then `steps_per_epoch` is needed)."""
+    if not c.quant.get("lam_per_step", False):
+        steps_per_epoch = 0
+    return schedule_lib.BinaryRelaxSchedule(c.quant.lam0, c.quant.rho, config_lib.phase2_epoch(c),
+                               steps_per_epoch)
 
 
-def _task():
-    """(type, index, cluster) of TF_CONFIG; ("worker", 0, {}) without it."""
-    tf_config = os.environ.get("TF_CONFIG")
-    if not tf_config:
-        return "worker", 0, {}
-    try:
-        parsed = json.loads(tf_config)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}); see docs/multi_worker.md") from e
-    task = parsed.get("task", {})
-    return task.get("type", "worker"), int(task.get("index", 0)), parsed.get("cluster", {})
-
-
-def is_chief():
-    """True unless this process is a non-chief worker of a multi-worker run.
-
-    The chief is task "chief" if the cluster has one, else worker 0 (as in
-    MultiWorkerMirroredStrategy).
-    """
-    kind, index, cluster = _task()
-    if "chief" in cluster:
-        return kind == "chief"
-    return kind == "worker" and index == 0
-
-
-def worker_scratch_dir(workdir):
-    """Where a non-chief worker writes its checkpoints: <workdir>/workertemp_<index>.
-
-    Every worker must save (saving reads synchronised variables, a collective
-    op), but only the chief's files are the run's (tf.distribute convention). The
-    name is stable across restarts, so a worker without a shared file system can
-    resume from its own copy; `train` removes it when the run finishes.
-    """
-    kind, index, _ = _task()
-    return os.path.join(workdir, f"{kind}temp_{index}")
-
-
-def _check_workers_ready(strategy, error):
-    """Raises `error`, and on every other worker too, if a worker failed to set up.
-
-    Without this the healthy workers would wait forever in the first collective op.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        if error is not None:
-            raise error
-        return
-    flag = 0 if error is not None else 1
-    ready = strategy.gather(strategy.run(lambda: tf.constant([flag], tf.int64)), axis=0).numpy()
-    if error is not None:
-        raise error
-    if not ready.all():
-        raise workdir_lib.WorkdirError(
-            "another worker could not prepare its work dir (see its log, e.g. a finished run "
-            "needs --overwrite on every worker); stopped")
-
-
-def _agree_on_epoch(strategy, manager, ckpt, epoch_var):
-    """The epoch every worker resumes after: the smallest one the workers restored.
-
-    Each worker restores from the checkpoint dir it sees, and a kill during
-    saving can leave one worker a checkpoint ahead; that one then restores
-    `ckpt-<min epoch>` (CheckpointManager keeps two). One process: no-op.
-    """
-    mine = int(epoch_var.numpy())
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return mine
-    local = strategy.run(lambda: tf.constant([mine], tf.int64))
-    epochs = [int(e) for e in strategy.gather(local, axis=0).numpy()]  # all workers call it
-    target = min(epochs)
-    if target == mine:
-        return mine
-    path = os.path.join(manager.directory, f"ckpt-{target}")
-    if target == 0 or path not in manager.checkpoints:
-        raise workdir_lib.WorkdirError(
-            f"the workers restored different epochs {epochs} and this one has no checkpoint "
-            f"of epoch {target} in {manager.directory}. Give every worker the work dir it "
-            "used before (one shared dir, or the same per-machine dirs), or start over in "
-            "a new work dir.")
-    ckpt.restore(path).assert_existing_objects_matched()
-    logging.info("workers restored epochs %s; all resume after epoch %d", epochs, target)
-    return target
+def group_sparsity_for(c, steps_per_epoch):
+    """The GroupSparsity callback of config.sparsity."""
+    sp = c.sparsity
+    return group_sparsity.GroupSparsity(
+        sp.strength, start_fraction=sp.start_fraction, warmup_epochs=sp.warmup_epochs,
+        target_share=sp.target_share, penalty=sp.penalty, tl1_a=sp.tl1_a,
+        include_conv1=sp.include_conv1, include_bn2=sp.include_bn2,
+        total_epochs=c.optim.epochs, steps_per_epoch=steps_per_epoch)
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -304,7 +140,7 @@ class EpochLogger(keras.callbacks.Callback):
             if not np.isfinite(v):
                 raise NonFiniteLossError(f"{k} became {v} at epoch {epoch + 1}; stopped "
                                          "without checkpointing this epoch")
-        lam, exact = (quantize.br_state(self.net) if quantize.br_quantizers(self.net)
+        lam, exact = (binary_relax.br_state(self.net) if binary_relax.br_quantizers(self.net)
                       else (None, None))
         record = {"epoch": epoch + 1, "time_s": round(time.time() - self._t0, 2),
                   "lr": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
@@ -372,9 +208,9 @@ def train(config, workdir, overwrite=False, verbose=1):
     """Trains `config` into `workdir`; resumes an unfinished run there. Returns the history rows."""
     config_lib.validate(config)
     # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
-    strategy = make_strategy(config.strategy)
-    chief = is_chief()
-    write_dir = workdir if chief else worker_scratch_dir(workdir)
+    strategy = distribute.make_strategy(config.strategy)
+    chief = distribute.is_chief()
+    write_dir = workdir if chief else distribute.worker_scratch_dir(workdir)
     error, mode = None, "worker"
     try:
         if chief:
@@ -383,7 +219,7 @@ def train(config, workdir, overwrite=False, verbose=1):
             shutil.rmtree(write_dir)
     except (workdir_lib.WorkdirError, OSError) as e:
         error = e
-    _check_workers_ready(strategy, error)
+    distribute._check_workers_ready(strategy, error)
     keras.utils.set_random_seed(config.seed)
 
     info = data.info(config.data.name)
@@ -415,7 +251,7 @@ def train(config, workdir, overwrite=False, verbose=1):
                                          max_to_keep=2)
     if latest:
         ckpt.restore(latest)
-    initial_epoch = _agree_on_epoch(strategy, manager, ckpt, epoch_var)
+    initial_epoch = distribute._agree_on_epoch(strategy, manager, ckpt, epoch_var)
     if chief:  # drop metric lines past the checkpoint (a kill between the two)
         workdir_lib.truncate_metrics(workdir, initial_epoch)
     if initial_epoch:
@@ -426,8 +262,11 @@ def train(config, workdir, overwrite=False, verbose=1):
         print(f"[train] {mode} run in {workdir}", flush=True)
 
     callbacks = [EpochLogger(workdir, manager, epoch_var, net, write=chief)]
-    if quantize.br_quantizers(net):
-        callbacks.insert(0, quantize.schedule_for(config, steps))
+    if config.get("sparsity") is not None and config.sparsity.enabled:
+        # Before EpochLogger, which logs the zero-group share it adds to the epoch's logs.
+        callbacks.insert(0, group_sparsity_for(config, steps))
+    if binary_relax.br_quantizers(net):
+        callbacks.insert(0, schedule_for(config, steps))
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, workdir_lib.TB),
                                                      write_graph=False, profile_batch=0))
@@ -470,6 +309,6 @@ def load(workdir):
         raise workdir_lib.WorkdirError(
             f"checkpoint {latest} does not match the model of {workdir}/config.json or is "
             f"corrupt: {e}") from e
-    if quantize.br_quantizers(net):
-        quantize.set_exact(net, True)
+    if binary_relax.br_quantizers(net):
+        binary_relax.set_exact(net, True)
     return net

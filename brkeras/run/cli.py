@@ -31,7 +31,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate", "export", "benchmark", "pipeline")
+
+from brkeras.run.pipeline import STAGES
+
+# The stages of run/pipeline.py's table, and the pipeline itself.
+COMMANDS = tuple(STAGES) + ("pipeline",)
+
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: configs/NAME.py[:ARG]; override fields with "
@@ -46,12 +51,6 @@ class UsageError(Exception):
     pass
 
 
-def _stage(name):
-    """Imports a stage module lazily, so `--help` and errors stay fast."""
-    import importlib  # pylint: disable=g-import-not-at-top
-    return importlib.import_module(f"brkeras.{name}")
-
-
 def _need_config(command):
     if _CONFIG.value is None:
         raise UsageError(f"`brkeras {command}` needs --config=configs/NAME.py[:ARG]")
@@ -59,17 +58,16 @@ def _need_config(command):
 
 
 def _run_command(command, workdir):
-    if command == "train":
-        _stage("training").train(_need_config(command), workdir, overwrite=_OVERWRITE.value)
+    from brkeras.run import pipeline  # pylint: disable=g-import-not-at-top
+
+    if command == "pipeline":
+        pipeline.run(_need_config(command), workdir, overwrite=_OVERWRITE.value)
+    elif command == "train":
+        pipeline.stage_function("train")(_need_config(command), workdir,
+                                         overwrite=_OVERWRITE.value)
         print(f"[train] done: {workdir}")
-    elif command == "evaluate":
-        _stage("evaluate").evaluate(workdir, overrides=_CONFIG.value)
-    elif command == "export":
-        _stage("export").export(workdir, overrides=_CONFIG.value)
-    elif command == "benchmark":
-        _stage("benchmark").benchmark(workdir, overrides=_CONFIG.value)
-    elif command == "pipeline":
-        _stage("pipeline").run(_need_config(command), workdir, overwrite=_OVERWRITE.value)
+    else:
+        pipeline.stage_function(command)(workdir, overrides=_CONFIG.value)
 
 
 def main(argv):

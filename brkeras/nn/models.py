@@ -19,7 +19,7 @@ momentum 0.1 (Keras momentum 0.9) and eps 1e-5. Convs use "same" padding (Keras
 pads stride-2 convs bottom/right, PyTorch symmetric; shapes are equal).
 """
 
-from brkeras import layers
+from brkeras.nn import layers
 from brkeras._keras import keras
 
 VALID_DEPTHS = "8, 14, 20, 32, 44, 56, 110, ... (6n+2)"
@@ -106,10 +106,3 @@ def build_model(input_shape, num_classes, depth=20, width=16, ensemble=1, sigma=
             for m in range(int(ensemble))]
     y = outs[0] if len(outs) == 1 else keras.layers.Average(name="logits")(outs)
     return keras.Model(x, y, name=name)
-
-
-def from_config(config, input_shape, num_classes):
-    """build_model from `config.model` (depth, width, ensemble, sigma, noise_pool)."""
-    c = config.model
-    return build_model(input_shape, num_classes, depth=c.depth, width=c.width,
-                       ensemble=c.ensemble, sigma=c.sigma, noise_pool=c.noise_pool)

@@ -229,3 +229,11 @@ class AddScaledNoise(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "sigma": self.sigma}
+
+
+def noise_sigma(model):
+    """The largest sigma of the model's noise layers (FeynmanKacNoise, AddScaledNoise);
+    0.0 for a deterministic model. Nested models and wrappers included."""
+    found = [float(m.sigma) for m in [model] + list(model.submodules)
+             if isinstance(m, (FeynmanKacNoise, AddScaledNoise))]
+    return max(found, default=0.0)

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+
 RESULT_KEYS = ("file", "threads", "median_ms", "p90_ms", "runs", "size_bytes")
 
 
@@ -119,32 +120,6 @@ def benchmark_files(paths, threads=(1, 2), runs=200, warmup=20, use_tool=False):
                 r["tool_p95_ms"] = lat.get("p95_ms")
             results.append(r)
     return results
-
-
-def benchmark(workdir, threads=None, runs=None, warmup=20, use_tool=False, overrides=None):
-    """Benchmarks workdir/export/*.tflite and writes workdir/bench.json; returns it.
-
-    threads/runs default to config.bench (overrides: a config whose bench section
-    replaces the stored one, the CLI's --config), else (1, 2) and 200.
-    """
-    from brkeras import config as config_lib  # pylint: disable=g-import-not-at-top
-    from brkeras import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-
-    if threads is None or runs is None:
-        try:
-            c = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
-            threads = threads or tuple(c.bench.threads)
-            runs = runs or int(c.bench.runs)
-        except workdir_lib.WorkdirError:
-            threads, runs = threads or (1, 2), runs or 200
-    d = os.path.join(workdir, "export")
-    paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".tflite")) \
-        if os.path.isdir(d) else []
-    if not paths:
-        raise FileNotFoundError(f"no .tflite files in {d}; run `brkeras export --workdir={workdir}`")
-    out = dict(host=host_info(), results=benchmark_files(paths, threads, runs, warmup, use_tool))
-    workdir_lib.write_json(os.path.join(workdir, "bench.json"), out)
-    return out
 
 
 def markdown_table(bench):

@@ -22,6 +22,15 @@ STATE = "state.json"
 CKPT = "ckpt"
 TB = "tb"
 BATCHNORM = "batchnorm.json"  # the BatchNorm re-estimation report
+# Later stages' outputs; every stage reads and writes them by these names.
+EVAL_JSON = "eval.json"
+REPORT_MD = "report.md"
+PLOTS = "plots"
+EXPORT_DIR = "export"
+EXPORT_JSON = "export.json"
+BENCH_JSON = "bench.json"
+SUMMARY_JSON = "summary.json"  # in a pipeline dir
+SUMMARY_MD = "summary.md"
 TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB, BATCHNORM)
 # Config sections that later stages may change without training again.
 STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")

@@ -16,17 +16,24 @@ import os
 import time
 import traceback
 
-from brkeras import config as config_lib
+from brkeras.run import config as config_lib
 from brkeras import errors
-from brkeras import workdir as workdir_lib
+from brkeras.run import workdir as workdir_lib
 
-# stage -> (module, function, the file that marks it done, the stage it is made from)
+# The one stage table (the CLI's commands too): stage -> (module, function, the
+# file that marks it done, the stage it is made from).
 STAGES = {
-    "train": ("training", "train", workdir_lib.STATE, None),
-    "evaluate": ("evaluate", "evaluate", "eval.json", "train"),
-    "export": ("export", "export", "export.json", "train"),
-    "benchmark": ("benchmark", "benchmark", "bench.json", "export"),
+    "train": ("brkeras.run.train", "train", workdir_lib.STATE, None),
+    "evaluate": ("brkeras.run.evaluate", "evaluate", workdir_lib.EVAL_JSON, "train"),
+    "export": ("brkeras.run.export", "export", workdir_lib.EXPORT_JSON, "train"),
+    "benchmark": ("brkeras.run.benchmark", "benchmark", workdir_lib.BENCH_JSON, "export"),
 }
+
+
+def stage_function(stage):
+    """The function of `stage`, imported lazily (so `--help` and errors stay fast)."""
+    module, fn, _, _ = STAGES[stage]
+    return getattr(importlib.import_module(module), fn)
 
 
 def model_dir_name(arg):
@@ -74,11 +81,6 @@ def _stage_done(workdir, stage):
     if not _stage_done(workdir, upstream):
         return False
     return os.path.getmtime(path) >= os.path.getmtime(_marker(workdir, upstream))
-
-
-def _stage_fn(stage):
-    module, fn, _, _ = STAGES[stage]
-    return getattr(importlib.import_module(f"brkeras.{module}"), fn)
 
 
 def _check(config, pipeline_dir=None):
@@ -131,9 +133,9 @@ def run(config, pipeline_dir, overwrite=False):
             t0 = time.time()
             try:
                 if stage == "train":
-                    _stage_fn(stage)(c, workdir, overwrite=overwrite)
+                    stage_function(stage)(c, workdir, overwrite=overwrite)
                 else:
-                    _stage_fn(stage)(workdir, overrides=c)
+                    stage_function(stage)(workdir, overrides=c)
             except Exception as e:  # pylint: disable=broad-except
                 # the other models still run; the failure is raised at the end
                 traceback.print_exc()
@@ -144,7 +146,7 @@ def run(config, pipeline_dir, overwrite=False):
             print(f"{label}: {time.time() - t0:.0f} s", flush=True)
     rows = _summarize(config, pipeline_dir)
     print(f"[pipeline] finished in {time.time() - t_start:.0f} s; summary in "
-          f"{os.path.join(pipeline_dir, 'summary.md')}", flush=True)
+          f"{os.path.join(pipeline_dir, workdir_lib.SUMMARY_MD)}", flush=True)
     if failures:
         listed = "; ".join(f"{a} {s}: {type(e).__name__}: {e}" for a, s, e in failures)
         raise errors.BrkerasError(
@@ -154,5 +156,5 @@ def run(config, pipeline_dir, overwrite=False):
 
 
 def _summarize(config, pipeline_dir):
-    summary = importlib.import_module("brkeras.summary")
+    summary = importlib.import_module("brkeras.run.summary")
     return summary.write(pipeline_dir, [model_dir_name(a) for a in config.pipeline.models])

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-PLOTS = "plots"
+from brkeras.run.workdir import PLOTS, REPORT_MD
 
 
 def pct(v):
@@ -171,5 +171,5 @@ def write_eval_report(workdir, result, metrics):
     ]
     if has_curves:
         lines += ["## Training", "", "![training curves](plots/training_curves.png)", ""]
-    with open(os.path.join(workdir, "report.md"), "w") as f:
+    with open(os.path.join(workdir, REPORT_MD), "w") as f:
         f.write("\n".join(lines))

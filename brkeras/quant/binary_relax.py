@@ -20,14 +20,14 @@ empty registry) keeps tfmot from adding fake-quant ops anywhere else.
 import contextlib
 import re
 
-import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from brkeras import quantizers
+from brkeras.quant import ops as quantizers
 from brkeras._keras import keras, tf
 
 _qk = tfmot.quantization.keras
 QuantizeWrapper = _qk.QuantizeWrapper
+
 
 # Layer kinds that config.quant.layers may name: kind -> (exact class, kernel size).
 # Exact class match: Conv2DTranspose subclasses Conv2D and must not pass as one.
@@ -36,6 +36,7 @@ LAYER_KINDS = {
         "conv1x1": (keras.layers.Conv2D, (1, 1)),
         "dense": (keras.layers.Dense, None),
 }
+
 
 BR_PRECISIONS = tuple(quantizers.QUANTIZERS)
 
@@ -198,27 +199,47 @@ def _kept_float(name, patterns):
     return any(re.search(p, name) for p in patterns)
 
 
-def quantize_model(model, quant_cfg):
-    """Returns the model to train at precision `quant_cfg.precision`.
+PRECISIONS = ("float", "int8_qat") + BR_PRECISIONS
 
-    "float": `model` itself. "int8_qat": tfmot's default 8-bit QAT of every
-    supported layer (see `int8_qat`). A Binary-Relax precision: a new functional
-    model in which the layers of the kinds `quant_cfg.layers` are QuantizeWrappers
-    computing u (weights copied from `model`), everything else untouched.
-    Under a tf.distribute strategy, call it inside `strategy.scope()`.
+
+def quantize_model(model, precision, *, bits=4, per_channel=False, layers=("conv3x3",),
+                   keep_float=()):
+    """Returns the model to train at `precision`.
+
+    Args:
+        model: a functional tf_keras model (e.g. `brkeras.build_model(...)`).
+        precision: "float" (returns `model` itself), "int8_qat" (tfmot's default
+            8-bit QAT of every supported layer, see `quant.int8_qat`), or a
+            Binary-Relax precision of `BR_PRECISIONS` ("binary", "ternary",
+            "ternary_twn", "4bit", "kbit").
+        bits: levels of "kbit" (2..8).
+        per_channel: one scale per output channel instead of one per layer.
+        layers: layer kinds to quantize (keys of LAYER_KINDS).
+        keep_float: regexes (re.search) on layer names that stay float although
+            of a quantized kind, e.g. ("conv0$",) for the stem.
+
+    Returns:
+        For Binary-Relax, a new functional model in which the layers of the kinds
+        `layers` are QuantizeWrappers computing u (weights copied from `model`),
+        everything else untouched. Under a tf.distribute strategy, call it inside
+        `strategy.scope()`.
+
+    Example:
+        qnet = quantize_model(build_model((28, 28, 1), 10, depth=8), "ternary",
+                              per_channel=True)
     """
-    precision = quant_cfg.precision
     if precision == "float":
         return model
     if precision == "int8_qat":
+        from brkeras.quant.int8_qat import int8_qat  # pylint: disable=g-import-not-at-top
+
         return int8_qat(model)
     if precision not in BR_PRECISIONS:
-        raise ValueError(f"config.quant.precision={precision!r}; choose one of "
-                         f"{('float', 'int8_qat') + BR_PRECISIONS}")
-    kinds = _check_layers(quant_cfg.layers)
-    keep_float = _keep_float_patterns(quant_cfg.get("keep_float", ()))
-    bits = int(quant_cfg.get("bits", 4))
-    per_channel = bool(quant_cfg.get("per_channel", False))
+        raise ValueError(f"precision={precision!r} (config.quant.precision); choose one of "
+                         f"{PRECISIONS}")
+    kinds = _check_layers(layers)
+    keep_float = _keep_float_patterns(keep_float)
+    bits, per_channel = int(bits), bool(per_channel)
     quantizers.get(precision, bits=bits, per_channel=per_channel)  # validates early
     config = BinaryRelaxQuantizeConfig(precision, bits, per_channel)
 
@@ -231,41 +252,12 @@ def quantize_model(model, quant_cfg):
     if not any(layer_kind(l) in kinds and not _kept_float(l.name, keep_float)
                for l in model.layers):
         raise ValueError(f"the model has no layer of the kinds {kinds} to quantize "
-                         f"outside config.quant.keep_float={keep_float}; config.quant.layers "
+                         f"outside keep_float={keep_float}; layers (config.quant.layers) "
                          f"must name kinds present in the model (known kinds: "
                          f"{tuple(LAYER_KINDS)})")
     with custom_object_scope():
         annotated = keras.models.clone_model(model, clone_function=annotate)
         return _qk.quantize_apply(annotated, scheme=WeightOnlyScheme())
-
-
-def int8_qat(model):
-    """tfmot's standard 8-bit QAT (`quantize_model`), tolerating custom layers.
-
-    tfmot's `quantize_model` annotates every layer and then fails on layers its
-    default registry does not know ("Layer noise:<FeynmanKacNoise> is not
-    supported"). Here such layers are left unannotated (they stay float, with
-    no fake-quant on their output); every other layer gets tfmot's default
-    8-bit treatment, as in quantize_model. The layout transform rebuilds the
-    model from its config, so custom layers must be registered: this runs
-    inside `custom_object_scope()`, which knows FeynmanKacNoise.
-    """
-    registry = _default_8bit_registry()
-
-    def annotate(layer):
-        if isinstance(layer, keras.layers.InputLayer):
-            return layer
-        if registry.supports(layer):
-            return _qk.quantize_annotate_layer(layer)
-        return layer  # unsupported (custom) layer: left unannotated, stays float
-
-    with custom_object_scope():
-        annotated = keras.models.clone_model(model, clone_function=annotate)
-        return _qk.quantize_apply(annotated)
-
-
-def _default_8bit_registry():
-    return _qk.default_8bit.Default8BitQuantizeScheme().get_quantize_registry()
 
 
 def custom_objects():
@@ -274,11 +266,10 @@ def custom_objects():
             "BinaryRelaxQuantizer": BinaryRelaxQuantizer,
             "BinaryRelaxQuantizeConfig": BinaryRelaxQuantizeConfig,
     }
-    try:
-        from brkeras.layers import FeynmanKacNoise  # pylint: disable=g-import-not-at-top
-        objs["FeynmanKacNoise"] = FeynmanKacNoise
-    except ImportError:
-        pass
+    from brkeras.nn import layers  # pylint: disable=g-import-not-at-top
+
+    objs.update(FeynmanKacNoise=layers.FeynmanKacNoise, NoiseBank=layers.NoiseBank,
+                AddScaledNoise=layers.AddScaledNoise)
     return objs
 
 
@@ -287,9 +278,6 @@ def custom_object_scope():
     """Registers brkeras' and tfmot's custom objects (QuantizeWrapper etc.)."""
     with _qk.quantize_scope(custom_objects()):
         yield
-
-
-# ---- Binary-Relax state -------------------------------------------------------
 
 
 def br_quantizers(model):
@@ -335,64 +323,6 @@ def br_state(model):
     """(lam, exact) of the model's BR quantizers (all are set together)."""
     _, _, _, qvars = _require_br(model)[0]
     return float(qvars["br_lam"].numpy()), bool(qvars["br_exact"].numpy() >= 0.5)
-
-
-class BinaryRelaxSchedule(keras.callbacks.Callback):
-    """Sets lam = lam0 * rho**epoch and phase II from `phase2_epoch` on.
-
-    With `steps_per_epoch` > 0, lam also grows within the epoch,
-    lam = lam0 * rho**(epoch + step / steps_per_epoch): the same curve, sampled
-    every step instead of once per epoch (the reference). Short runs with few
-    phase-I epochs need it, or lam jumps by a large factor rho at each epoch.
-    A pure function of (epoch, step), so resuming at any epoch is correct.
-    """
-
-    def __init__(self, lam0=1.0, rho=1.05, phase2_epoch=120, steps_per_epoch=0):
-        super().__init__()
-        if lam0 < 0 or rho < 1 or steps_per_epoch < 0:
-            raise ValueError(f"BinaryRelaxSchedule(lam0={lam0}, rho={rho}, steps_per_epoch="
-                             f"{steps_per_epoch}): need lam0 >= 0, rho >= 1, steps >= 0")
-        self.lam0, self.rho, self.phase2_epoch = float(lam0), float(rho), int(phase2_epoch)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self._epoch = 0
-        self._lam_vars = []
-
-    def state(self, epoch, step=0):
-        """(lam, exact) at `step` of `epoch`."""
-        t = epoch + (step / self.steps_per_epoch if self.steps_per_epoch else 0.0)
-        return float(self.lam0 * self.rho ** t), epoch >= self.phase2_epoch
-
-    def set_model(self, model):
-        super().set_model(model)
-        self._lam_vars = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        lam, exact = self.state(epoch)
-        set_br_state(self.model, lam=lam, exact=exact)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.steps_per_epoch and batch and self._epoch < self.phase2_epoch:
-            if not self._lam_vars:  # found once: a walk of the model costs ~5% of a step
-                self._lam_vars = [qvars["br_lam"] for *_, qvars in _require_br(self.model)]
-            lam = self.state(self._epoch, batch)[0]
-            for var in self._lam_vars:
-                var.assign(lam)
-
-
-def schedule_for(c, steps_per_epoch=0):
-    """The BinaryRelaxSchedule of a full experiment config (config.base_config()),
-    with phase II at `config.phase2_epoch(c)` (fraction form included); lam grows
-    every step when c.quant.lam_per_step (then `steps_per_epoch` is needed)."""
-    if not c.quant.get("lam_per_step", False):
-        steps_per_epoch = 0
-    from brkeras import config as config_lib  # pylint: disable=g-import-not-at-top
-
-    return BinaryRelaxSchedule(c.quant.lam0, c.quant.rho, config_lib.phase2_epoch(c),
-                               steps_per_epoch)
-
-
-# ---- Deploy weights -------------------------------------------------------------
 
 
 def quantized_kernels(model):

@@ -10,6 +10,7 @@ import ml_collections
 PRECISIONS = ("float", "binary", "ternary", "ternary_twn", "4bit", "kbit", "int8_qat")
 LOSSES = ("natural", "pgd", "tradeoff", "trades")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+SPARSITY_PENALTIES = ("group_l1", "tl1")
 
 
 def base_config():
@@ -45,6 +46,20 @@ def base_config():
     c.quant.lam_per_step = False  # True: the same curve lam0*rho^(epoch+step/steps), per step
     c.quant.phase2_epoch = 120  # exact Q(w) from this epoch on (paper's code)
     c.quant.phase2_fraction = -1.0  # if >= 0, overrides phase2_epoch as a fraction of epochs
+
+    # Channel sparsity during training (quant/group_sparsity.py): a proximal group
+    # penalty on the float weights after every step, so block-private channels become
+    # exactly zero and deploy/prune.py removes them. Off in the reference.
+    c.sparsity = ml_collections.ConfigDict()
+    c.sparsity.enabled = False  # ARG token "sparse" turns it on, "dense" off
+    c.sparsity.strength = 0.0  # lam; the threshold of a step is lr * lam
+    c.sparsity.penalty = "group_l1"  # or "tl1" (transformed l1, tl1_a)
+    c.sparsity.tl1_a = 1.0
+    c.sparsity.start_fraction = 0.0  # of optim.epochs: shrink from this epoch on
+    c.sparsity.warmup_epochs = 0  # lam ramps linearly from 0 over these epochs
+    c.sparsity.target_share = 0.0  # stop at this share of zero groups (0 = no target)
+    c.sparsity.include_conv1 = False  # conv1's filter c joins group c
+    c.sparsity.include_bn2 = False  # and bn2's gamma_c, beta_c
 
     c.adv = ml_collections.ConfigDict()
     c.adv.eps = 8 / 255
@@ -157,6 +172,19 @@ def validate(c):
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
          "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
     need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")
+    sp = c.get("sparsity")
+    if sp is not None and sp.enabled:
+        need(sp.strength > 0, f"config.sparsity.strength={sp.strength}; give lam > 0 with "
+             "config.sparsity.enabled (or the ARG token 'dense' to turn sparsity off)")
+        need(sp.penalty in SPARSITY_PENALTIES, f"config.sparsity.penalty={sp.penalty!r}; "
+             f"choose one of {SPARSITY_PENALTIES}")
+        need(sp.tl1_a > 0, "config.sparsity.tl1_a must be > 0")
+        need(0 <= sp.start_fraction < 1, "config.sparsity.start_fraction must be in [0, 1)")
+        need(sp.warmup_epochs >= 0, "config.sparsity.warmup_epochs must be >= 0")
+        need(0 <= sp.target_share < 1, "config.sparsity.target_share must be in [0, 1) (0 = none)")
+        need(c.quant.precision != "binary",
+             "config.sparsity with quant.precision='binary': binary Q(w) = mean|w| sign(w) is "
+             "never zero, so no channel can be removed; use ternary or k-bit")
     return c
 
 
@@ -170,8 +198,9 @@ def phase2_epoch(c):
 def apply_arg(c, arg):
     """Applies a config-file ARG such as "ternary,tradeoff,en2,d56" to `c`.
 
-    Tokens: a precision (PRECISIONS), a loss (LOSSES), `enM` (ensemble of M
-    members), `dN` (depth N), `wN` (first-stage width N). Unknown tokens raise.
+    Tokens: a precision (PRECISIONS), a loss (LOSSES), `sparse` / `dense`
+    (config.sparsity.enabled), `enM` (ensemble of M members), `dN` (depth N),
+    `wN` (first-stage width N). Unknown tokens raise.
     """
     for token in filter(None, (arg or "").split(",")):
         token = token.strip()
@@ -179,6 +208,8 @@ def apply_arg(c, arg):
             c.quant.precision = token
         elif token in LOSSES:
             c.loss.name = token
+        elif token in ("sparse", "dense"):
+            c.sparsity.enabled = token == "sparse"
         elif token.startswith("en") and token[2:].isdigit():
             c.model.ensemble = int(token[2:])
         elif token.startswith("d") and token[1:].isdigit():
@@ -188,8 +219,8 @@ def apply_arg(c, arg):
         else:
             raise ValueError(
                 f"unknown config argument {token!r}; use comma-separated tokens: a "
-                f"precision {PRECISIONS}, a loss {LOSSES}, enM (ensemble size), dN "
-                "(depth), wN (width), e.g. ternary,tradeoff,en2,d20")
+                f"precision {PRECISIONS}, a loss {LOSSES}, sparse or dense, enM (ensemble "
+                "size), dN (depth), wN (width), e.g. ternary,tradeoff,sparse,en2,d20")
     return c
 
 

@@ -1,0 +1,77 @@
+"""The sanity checks of a robustness evaluation (SPEC 5), with the sampling slack of a stochastic model."""
+
+import math
+
+
+def tolerance(p1, p2, n, stochastic):
+    """Slack of a comparison of two accuracies measured on n examples.
+
+    0 for a deterministic model; else two binomial standard errors,
+    2 sqrt(v / n) with v = max(p1 (1 - p1), p2 (1 - p2), 1 / n) (the floor keeps
+    a small slack when both accuracies are 0 or 1).
+    """
+    if not stochastic:
+        return 0.0
+    n = max(int(n), 1)
+    v = max(p1 * (1 - p1), p2 * (1 - p2), 1.0 / n)
+    return 2.0 * math.sqrt(v / n)
+
+
+def sanity_checks(result, n, stochastic, num_classes, sweep_n):
+    """The checks of SPEC 5 on an eval.json-shaped dict; a list of {"check", "held", "detail"}.
+
+    Each comparison lhs <= rhs allows `tolerance(lhs, rhs, n, stochastic)`:
+      robust <= natural   every attack, mode (plain/eot) and kind (single/expected);
+      PGD-20 <= FGSM      expected accuracy, per mode;
+      EOT <= plain        expected accuracy, per attack run with EOT;
+      eps sweep           expected accuracy non-increasing between consecutive eps
+                          (sweep_n examples), and <= 1/num_classes + 0.1 at the
+                          largest eps when that eps is > 0;
+      more effort         PGD-20 with 2x steps or 2x restarts <= PGD-20 (sweep_n).
+    Sections missing from `result` (eps_sweep, more_effort) are not checked.
+    """
+    checks = []
+
+    def check(name, lhs, rhs, n_ex, what):
+        tol = tolerance(lhs, rhs, n_ex, stochastic)
+        checks.append({"check": name, "held": bool(lhs <= rhs + tol),
+                       "detail": f"{what}: {lhs:.4f} <= {rhs:.4f} (+ tolerance {tol:.4f})"})
+
+    nat = result["natural_acc"]
+    atk = result.get("attacks", {})
+    for name, r in atk.items():
+        for mode in ("plain", "eot"):
+            if r.get(mode):
+                for kind in ("single", "expected"):
+                    check(f"robust <= natural ({name}, {mode}, {kind})", r[mode][kind], nat[kind],
+                          n, f"{name} {mode} {kind} vs natural {kind}")
+    if "pgd20" in atk and "fgsm" in atk:
+        for mode in ("plain", "eot"):
+            if atk["pgd20"].get(mode) and atk["fgsm"].get(mode):
+                check(f"PGD-20 <= FGSM ({mode}, expected)", atk["pgd20"][mode]["expected"],
+                      atk["fgsm"][mode]["expected"], n, "expected accuracy")
+    for name, r in atk.items():
+        if r.get("eot") and r.get("plain"):
+            check(f"EOT <= plain ({name}, expected)", r["eot"]["expected"],
+                  r["plain"]["expected"], n, "EOT never raises accuracy")
+    sweep = result.get("eps_sweep")
+    for name in (sweep or {}).get("attacks", {}):
+        accs = sweep["attacks"][name]["expected"]
+        if len(accs) != len(sweep["eps"]):
+            raise ValueError(f"eps_sweep of {name} has {len(accs)} accuracies for "
+                             f"{len(sweep['eps'])} eps values")
+        for (e0, a0), (e1, a1) in zip(zip(sweep["eps"], accs), zip(sweep["eps"][1:], accs[1:])):
+            check(f"non-increasing in eps ({name}, {e0:g} -> {e1:g})", a1, a0, sweep_n,
+                  "expected accuracy")
+        if accs and sweep["eps"][-1] > 0:
+            chance = 1.0 / num_classes
+            last = accs[-1]
+            checks.append({"check": f"near chance at eps={sweep['eps'][-1]:g} ({name})",
+                           "held": bool(last <= chance + 0.1),
+                           "detail": f"expected accuracy {last:.4f} vs chance {chance:.2f} (+0.10)"})
+    more = result.get("more_effort")
+    if more:
+        for label in ("steps_x2", "restarts_x2"):
+            check(f"more effort never raises accuracy (PGD-20 {label})", more[label]["expected"],
+                  more["pgd20"]["expected"], sweep_n, "expected accuracy")
+    return checks
