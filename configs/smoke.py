@@ -30,6 +30,9 @@ def get_config(arg=None):
     c.optim.bn_reestimate_batches = 2
 
     c.quant.phase2_fraction = 0.5
+    # For the token "sparse": strong enough to reach the target share (half the block channels) in one step.
+    c.sparsity.strength = 100.0
+    c.sparsity.target_share = 0.5
 
     c.eval.max_examples = 64
     c.eval.batch_size = 64
