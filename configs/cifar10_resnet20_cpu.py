@@ -1,9 +1,9 @@
 r"""The paper's network at CPU scale: En1ResNet20 (width 16) on CIFAR-10-shaped data.
 
-Runs (here, on the lossy offline proxy; anywhere, on real CIFAR-10 with tfds):
-  brkeras pipeline --config=configs/cifar10_resnet20_cpu.py --workdir=runs/c10cpu \
-    --config.data.name=../shared/data/cifar10_small.npz
+Runs:
   brkeras pipeline --config=configs/cifar10_resnet20_cpu.py --workdir=runs/c10cpu   # tfds cifar10
+  brkeras pipeline --config=configs/cifar10_resnet20_cpu.py --workdir=runs/c10cpu \
+    --config.data.name=/path/to/cifar10_small.npz     # any CIFAR-10-shaped .npz
 ARG: as configs/fashion_mnist_enresnet.py (precision, loss, sparse/dense, enM, dN, wN).
 
 Setting: pre-activation ResNet20 (16/32/64, SPEC 1) with Feynman-Kac noise
@@ -20,7 +20,7 @@ This is where latency differences are large enough to measure (ResNet20 runs in
 about a millisecond; the default Fashion-MNIST model in 0.05 ms, mostly per-op
 overhead). Accuracy on the proxy (10,000 + 2,000 JPEG-decoded CIFAR-10 images,
 see its PROVENANCE.txt) is not comparable to published CIFAR-10 numbers.
-Measured numbers: README.md, "The paper's network on the CIFAR-10 proxy".
+Not measured yet: a first run on the proxy was stopped for CPU time (2026-12-02).
 """
 
 from brkeras.run import config as config_lib
