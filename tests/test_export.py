@@ -113,7 +113,10 @@ def test_exact_levels_recovers_units():
 def test_ternary_three_int8_levels_per_channel(ternary_files):
     m, quant, out, entries = ternary_files
     by_fmt = {e["format"]: e for e in entries}
-    assert set(by_fmt) == {"float32", "dynamic_int8", "full_int8"}
+    assert set(by_fmt) == {"float32", "dynamic_int8", "full_int8", "int4"}
+    # INT4: the same exact levels packed two per byte, every ternary filter rewritten.
+    assert by_fmt["int4"]["size_bytes"] < by_fmt["full_int8"]["size_bytes"]
+    assert by_fmt["int4"]["int4"]["rewritten"] >= len(quant)
     b = (out / "det_full_int8.tflite").read_bytes()
     f32 = (out / "det_float32.tflite").read_bytes()
     wq = flatbuffer.weights_by_layer(b, QLAYERS)
