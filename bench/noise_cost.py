@@ -3,10 +3,13 @@
     .venv/bin/python bench/noise_cost.py [--batch 128] [--runs 3] [--rounds 5]
 
 Each candidate computes y = x + sigma * std(x) * n (std by tf.math.reduce_std,
-gradients by autodiff, as brkeras.layers.feynman_kac_noise does) on the nine residual outputs of
+gradients by autodiff, as the layer did before its hand-written gradient) on the nine residual outputs of
 a ResNet20 on 32x32 inputs (batch x 32x32x16, 16x16x32, 8x8x64, three each), in one
 tf.function; "fwd" times y, "fwd+bwd" times y and dL/dx for L = sum(y * g). The
 table gives ns per element and the ratio to the exact `tf.random.normal` path.
+The "layer" rows are brkeras' FeynmanKacNoise map itself (nn/layers.py: float32
+moments, Box-Muller draws, the hand-written gradient), to compare with the
+autodiff rows of the same draw ("pool=8 (default)", "normal (exact, pool=1)").
 """
 
 import argparse
@@ -81,7 +84,8 @@ def pool_bits(pool):
 
 
 def candidates():
-    c = {"normal (exact, pool=1)": lambda shape, scale: layers.scaled_noise(shape, scale, 1)}
+    c = {"tf.random.normal (reference)": lambda shape, scale: scale * tf.random.normal(shape),
+         "normal (exact, pool=1)": lambda shape, scale: layers.scaled_noise(shape, scale, 1)}
     for alg in ("philox", "threefry", "auto_select"):
         c[f"stateless_normal {alg}"] = stateless(alg)
     c["Generator.normal"] = generator_normal()
@@ -97,8 +101,10 @@ def candidates():
 
 
 def layer_candidates():
-    """The floor: no noise at all (y = x)."""
-    return {"identity (floor)": lambda x: x}
+    """brkeras' layer map (its own std and gradient), and the floor: no noise (y = x)."""
+    return {"layer pool=1 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 1),
+            "layer pool=8 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 8),
+            "identity (floor)": lambda x: x}
 
 
 def timed(fn, runs):

@@ -8,13 +8,16 @@ with std(x) ONE scalar over the whole batch tensor (all axes). The noise is on i
 training AND inference: the layer ignores the `training` flag (the model is
 stochastic, as in the reference). Gradients flow through std(x), as in the
 PyTorch reference (`out + sigma * out.std() * randn`, no detach): the pullback is
-dy/dx = I + sigma * n (d std / dx)^T. sigma = 0 is the identity with no random op
-in the graph (the plain-ResNet baseline).
+dy/dx = I + sigma * n (d std / dx)^T, written by hand (`feynman_kac_noise`).
+sigma = 0 is the identity with no random op in the graph (the plain-ResNet
+baseline). Under a mixed dtype policy (x in bfloat16) mean and std are still
+float32, the normals are drawn in float32 and rounded once to bfloat16.
 
 How n is drawn (`pool`):
 
-* pool = 1: exact i.i.d. draws, `tf.random.normal(shape(x))`. About 5 ns per
-  element on this machine (the PyPI wheel's RNG kernels are scalar code).
+* pool = 1: exact i.i.d. draws, N normals (`standard_normal`: Box-Muller on
+  tf.random.uniform, the transform tf.random.normal uses, as vectorised ops; the
+  PyPI wheel's RNG kernels are scalar code, ~5 ns per normal with tf.random.normal).
 * pool = k > 1 (the default, k = 8): one fresh pool z of ~N / k i.i.d. N(0, 1)
   draws, laid out as a Q x R matrix, reused k times; copy a gets the sign pattern
   r_a t_a^T of two fresh random sign vectors r_a ~ {+-1}^Q, t_a ~ {+-1}^R:
@@ -34,13 +37,14 @@ How n is drawn (`pool`):
   Cost: ~N/k normals + k(Q + R) uniforms + 3 elementwise passes over N (see
   bench/noise_cost.py), against N normals for pool = 1.
 
-  Every op of both paths is a TFLite builtin (pool > 1: RANDOM_STANDARD_NORMAL,
-  RANDOM_UNIFORM, LESS, SELECT_V2, MUL, RESHAPE, STRIDED_SLICE; the layout
-  arithmetic folds to constants at a fixed batch), so an exported model needs no
-  Flex ops. Float ResNet20 in LiteRT, batch 1, 1 thread (bench/deploy_latency.py):
-  0.41 ms without noise; with this layer as is 1.29 ms (pool = 1) and 0.87 ms
-  (pool = 8); 0.58 ms (pool = 8) in the deploy form below (NoiseBank), which
-  brkeras.export uses.
+  Every op of both paths is a TFLite builtin (RANDOM_UNIFORM, LOG, SQRT, COS, SIN,
+  CONCATENATION; pool > 1 also LESS, SELECT_V2, MUL, RESHAPE, STRIDED_SLICE; the
+  layout arithmetic folds to constants at a fixed batch), so an exported model
+  needs no Flex ops. Float ResNet20 in LiteRT, batch 1, 1 thread
+  (bench/deploy_latency.py, with tf.random.normal draws in this layer): 0.41 ms
+  without noise; with this layer as is 1.29 ms (pool = 1) and 0.87 ms (pool = 8);
+  0.58 ms (pool = 8) in the deploy form below (NoiseBank, which still draws z by
+  RANDOM_STANDARD_NORMAL: the same distribution), which brkeras.export uses.
 """
 
 from brkeras._keras import keras, tf
@@ -54,9 +58,25 @@ def _check(sigma, pool):
                          "(1 = exact i.i.d. normals, k > 1 = a pool reused k times)")
 
 
-def random_signs(shape):
-    """Float tensor of i.i.d. fair signs (+1 or -1) of `shape`, from uniform draws."""
-    return tf.where(tf.random.uniform(shape) < 0.5, 1.0, -1.0)
+def random_signs(shape, dtype=tf.float32):
+    """Tensor of i.i.d. fair signs (+1 or -1) of `shape` and `dtype`, from uniform draws."""
+    return tf.where(tf.random.uniform(shape) < 0.5, tf.ones([], dtype), -tf.ones([], dtype))
+
+
+def standard_normal(n):
+    """n i.i.d. N(0, 1) float32 draws by Box-Muller from uniform draws:
+    (sqrt(-2 ln u1) cos(2 pi u2), sqrt(-2 ln u1) sin(2 pi u2)) with u1 in (0, 1].
+
+    The same transform tf.random.normal applies (TF's Philox kernel is Box-Muller
+    on 23-bit uniforms, so both reach 5.6 standard deviations), but as vectorised
+    elementwise ops it costs ~60% of tf.random.normal here (bench/noise_cost.py):
+    the scalar kernel is the uniform generator, not the transform.
+    """
+    half = (n + 1) // 2
+    u = tf.random.uniform(tf.stack([2, half]))
+    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))  # 1 - u1 in (0, 1]
+    angle = 6.283185307179586 * u[1]
+    return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], 0)[:n]
 
 
 def pool_layout(n, pool):
@@ -77,35 +97,70 @@ def _pooled(z, rows, cols, n):
     return tf.reshape(z * rows * cols, [-1])[:n]
 
 
-def scaled_noise(shape, scale, pool):
+def scaled_noise(shape, scale, pool, dtype=tf.float32):
     """scale * n with n ~ N(0, 1) per element, drawn as the module docstring says.
 
     pool = k > 1: z ~ N(0, 1)^[Q, R] (Q * R ~ N / k), signs r ~ {+-1}^[k, Q],
     t ~ {+-1}^[k, R], n[a, i, j] = r[a, i] * t[a, j] * z[i, j], flattened and cut
-    to N. `scale` is a scalar tensor; gradients flow to it (d/dscale = n).
+    to N. `scale` is a float32 scalar tensor; the normals are drawn and scaled
+    in float32 and the result is cast to `dtype` (the layer's compute dtype).
+    Gradients flow to `scale` (d/dscale = n).
     """
-    if pool == 1:
-        return scale * tf.random.normal(shape)
     n = tf.reduce_prod(shape)
+    if pool == 1:
+        return tf.reshape(tf.cast(scale * standard_normal(n), dtype), shape)
     q, r = pool_layout(n, pool)
-    z = scale * tf.random.normal(tf.stack([1, q, r]))  # the pool, scaled: [1, Q, R]
-    rows = random_signs(tf.stack([pool, q, 1]))
-    cols = random_signs(tf.stack([pool, 1, r]))
+    z = tf.cast(scale * tf.reshape(standard_normal(q * r), tf.stack([1, q, r])), dtype)
+    rows = random_signs(tf.stack([pool, q, 1]), dtype)
+    cols = random_signs(tf.stack([pool, 1, r]), dtype)
     return tf.reshape(_pooled(z, rows, cols, n), shape)
+
+
+def moments(x):
+    """(mean, variance, N) of all elements of x, in float32 whatever x's dtype.
+
+    Two passes, as tf.math.reduce_std: mean = reduce_mean(x), var =
+    reduce_mean((x - mean)^2), so no cancellation whatever the mean. (One
+    pass with sum(x^2) by a batched MatMul measured slower here, and less exact.)
+    """
+    xf = x if x.dtype == tf.float32 else tf.cast(x, tf.float32)
+    mean = tf.reduce_mean(xf)
+    var = tf.reduce_mean(tf.math.squared_difference(xf, mean))
+    return mean, var, tf.cast(tf.size(xf), tf.float32)
 
 
 def feynman_kac_noise(x, sigma=0.1, pool=8):
     """y = x + sigma * std(x) * n, std over all axes of x, n ~ N(0, 1) per element.
 
-    Gradients flow through std(x) (autodiff of tf.math.reduce_std):
-        dL/dx = g + sigma * <g, n> * (x - mean(x)) / (N * std(x)),   g = dL/dy.
-    A hand-written gradient (one MatMul for <g, n>) measured no faster on this
-    CPU. sigma = 0 returns x itself (no random op).
+    Gradients flow through std(x), as autodiff of tf.math.reduce_std would give,
+    but by a hand-written pullback (tf.custom_gradient):
+        dL/dx = g + sigma * <g, n> * (x - mean(x)) / (N * std(x)),   g = dL/dy,
+    i.e. g + <g, p> (x - mean) / (N var) with p = sigma std n the added noise:
+    one product-sum and three elementwise passes over N, where autodiff of
+    reduce_std and of the pooled draw takes about a dozen (bench/noise_cost.py).
+    mean and std are float32 (`moments`) for any x dtype; the noise is drawn in
+    float32 and added in x's dtype (bfloat16 under a mixed policy, where <g, p>
+    is summed by reduce_sum with float32 accumulation, rounded once to bfloat16).
+    A constant x (std = 0) gets no noise and the gradient g. sigma = 0 returns x
+    itself (no random op).
     """
     _check(sigma, pool)
     if sigma == 0:
         return x
-    return x + scaled_noise(tf.shape(x), float(sigma) * tf.math.reduce_std(x), int(pool))
+    sigma, pool = float(sigma), int(pool)
+
+    @tf.custom_gradient
+    def noisy(x):
+        mean, var, n = moments(x)
+        p = scaled_noise(tf.shape(x), sigma * tf.sqrt(var), pool, x.dtype)
+
+        def grad(g):
+            c = tf.math.divide_no_nan(tf.cast(tf.reduce_sum(g * p), tf.float32), n * var)
+            return g + tf.cast(c, g.dtype) * (x - tf.cast(mean, x.dtype))
+
+        return x + p, grad
+
+    return noisy(x)
 
 
 @keras.utils.register_keras_serializable(package="brkeras")
@@ -114,7 +169,7 @@ class FeynmanKacNoise(keras.layers.Layer):
 
     Args:
         sigma: noise scale (>= 0; 0 = identity, no random op).
-        pool: 1 = exact i.i.d. `tf.random.normal`; k > 1 = a pool of N/k
+        pool: 1 = exact i.i.d. normals; k > 1 = a pool of N/k
             normals reused k times with independent random signs (every element
             exactly N(0, 1), distinct elements uncorrelated; see module docstring).
     """

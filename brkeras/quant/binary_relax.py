@@ -50,15 +50,32 @@ def layer_kind(layer):
     return None
 
 
+def _true_value(v):
+    """The value of `v` in the dtype it is stored in. Under a mixed dtype policy a
+    layer reads its float32 variables through Keras AutoCastVariables, which
+    read as the compute dtype (bfloat16) inside the layer's call; this reads the
+    float32 variable underneath (same handle, so gradients still reach it)."""
+    inner = getattr(v, "_variable", None)
+    if inner is not None and hasattr(v, "true_dtype"):
+        v = inner
+    return tf.convert_to_tensor(v)
+
+
 def binary_relax(w, q_fn, lam, exact):
     """Binary-Relax forward with a straight-through gradient.
 
     Forward: u = Q(w) if exact >= 0.5 else (lam * Q(w) + w) / (1 + lam), with
     Q = q_fn. Pseudo-gradient: dL/dw := dL/du (du/dw taken as the identity);
     no gradient to lam or exact.
+
+    Q(w) and u are computed in the dtype w is stored in (float32), also under a
+    mixed policy; only u is then cast to the dtype w reads as there (the layer's
+    compute dtype, e.g. bfloat16), so the levels of Q(w) are those of float32.
     """
-    lam = tf.cast(tf.convert_to_tensor(lam), w.dtype)
-    exact = tf.cast(tf.convert_to_tensor(exact), w.dtype)
+    out_dtype = tf.as_dtype(w.dtype)  # an AutoCastVariable: the compute dtype
+    w = _true_value(w)
+    lam = tf.cast(_true_value(lam), w.dtype)
+    exact = tf.cast(_true_value(exact), w.dtype)
 
     @tf.custom_gradient
     def _forward(w, lam, exact):
@@ -70,7 +87,8 @@ def binary_relax(w, q_fn, lam, exact):
 
         return u, grad
 
-    return _forward(w, lam, exact)
+    u = _forward(w, lam, exact)
+    return u if u.dtype == out_dtype else tf.cast(u, out_dtype)
 
 
 class BinaryRelaxQuantizer(_qk.quantizers.Quantizer):

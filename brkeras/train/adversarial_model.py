@@ -7,6 +7,8 @@ flag, so the attack and the loss see the same u), stops the gradient through
 them, and applies the named loss of `brkeras.robust.losses`. L2 weight decay is
 added to the gradient of the float weights, as PyTorch's SGD does. Because it is
 a `train_step`, `fit`, callbacks and tf.distribute strategies work unchanged.
+Under a mixed dtype policy (train/precision.py) the network's logits are cast
+to float32 before the attack's loss, the training loss and the metrics.
 """
 
 import numpy as np
@@ -19,7 +21,7 @@ from brkeras._keras import keras, tf
 def trades_attack(model_fn, x, eps, eps_iter, nb_iter, clip_min=0.0, clip_max=1.0):
     """TRADES' inner maximisation: L-inf PGD on KL(f(x) || f(x')) from x + U[-0.001, 0.001]
     (TRADES starts from x + 0.001 N(0, I); a start this small only breaks the tie at x)."""
-    p_logits = tf.stop_gradient(model_fn(x))
+    p_logits = tf.stop_gradient(tf.cast(model_fn(x), tf.float32))
     return attacks.pgd(model_fn, x, eps, eps_iter, nb_iter, clip_min=clip_min,
                        clip_max=clip_max, y=p_logits, rand_init=True,
                        rand_minmax=min(0.001, eps), loss_fn=losses.kl_divergence)
@@ -69,14 +71,19 @@ class AdversarialModel(keras.Model):
         return [self.loss_tracker, self.nat_acc, self.adv_acc]
 
     def call(self, x, training=False):
-        return self.net(x, training=training)
+        return self._logits(x, training)
+
+    def _logits(self, x, training):
+        """The network's logits in float32 (the loss and the metrics are float32
+        whatever the network computes in, e.g. bfloat16 under a mixed policy)."""
+        return tf.cast(self.net(x, training=training), tf.float32)
 
     def adversarial_examples(self, x, y, training):
         """PGD examples for the loss's attack ("ce" or "kl"); x itself if none."""
         kind = self.loss_spec.attack
         if kind is None or self.steps == 0 or self.eps == 0:
             return x
-        model_fn = lambda z: self.net(z, training=training)  # noqa: E731
+        model_fn = lambda z: self._logits(z, training)  # noqa: E731
         if kind == "kl":
             return trades_attack(model_fn, x, self.eps, self.eps_iter, self.steps)
         return attacks.pgd(model_fn, x, self.eps, self.eps_iter, self.steps, norm=np.inf,
@@ -87,8 +94,8 @@ class AdversarialModel(keras.Model):
         # BatchNorm in training mode during the attack, as the reference does.
         x_adv = tf.stop_gradient(self.adversarial_examples(x, y, training=True))
         with tf.GradientTape() as tape:
-            logits_adv = self.net(x_adv, training=True)
-            logits_nat = (self.net(x, training=True) if self.loss_spec.second_forward
+            logits_adv = self._logits(x_adv, True)
+            logits_nat = (self._logits(x, True) if self.loss_spec.second_forward
                           else logits_adv)
             per_example = self.loss_spec(y, logits_nat, logits_adv)
             loss = tf.nn.compute_average_loss(per_example)
@@ -107,8 +114,8 @@ class AdversarialModel(keras.Model):
     def test_step(self, batch):
         x, y = batch
         x_adv = self.adversarial_examples(x, y, training=False)
-        logits_nat = self.net(x, training=False)
-        logits_adv = self.net(x_adv, training=False)
+        logits_nat = self._logits(x, False)
+        logits_adv = self._logits(x_adv, False)
         self.loss_tracker.update_state(tf.reduce_mean(self.loss_spec(y, logits_nat, logits_adv)))
         self.nat_acc.update_state(y, logits_nat)
         self.adv_acc.update_state(y, logits_adv)

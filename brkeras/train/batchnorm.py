@@ -60,7 +60,8 @@ def reestimate(net, batches):
     def batch_moments(x):
         # training=True: batch statistics, as in training. It also nudges the
         # moving averages, which are overwritten below.
-        return [tf.nn.moments(h, axes=list(range(len(h.shape) - 1)))
+        # float32 statistics also when the network computes in bfloat16
+        return [tf.nn.moments(tf.cast(h, tf.float32), axes=list(range(len(h.shape) - 1)))
                 for h in inputs_model(x, training=True)]
 
     sums, n = None, 0
