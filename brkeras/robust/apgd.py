@@ -24,7 +24,9 @@ an unwritten 0 row of its loss buffer, an indexing artefact).
 EOT: with eot_samples=n every evaluation makes n calls of model_fn (one after
 another, fresh noise each) and uses the mean gradient, the mean per-example loss
 (for the checkpoint conditions and x_max) and the mean logits (to judge
-misclassification).
+misclassification). A model_fn with an `eot_split` (robust.evaluation's
+StochasticModel) runs the noise-free part of the network once per evaluation
+and only the noisy rest n times: the same values at a lower cost.
 
 Result per example: the last iterate found misclassified, else x_max; over
 `restarts` random starts, later restarts only attack the examples not yet
@@ -220,7 +222,13 @@ def _axes(x):
 
 
 def _eval(model_fn, x, y, yt, n, kind):
-    """Mean over n calls of (per-example loss, its gradient, logits)."""
+    """Mean over n calls of (per-example loss, its gradient, logits).
+
+    A model_fn with an `eot_split` (prefix, suffix, num_classes) runs its
+    deterministic prefix once and the suffix n times (robust.evaluation.StochasticModel)."""
+    split = getattr(model_fn, "eot_split", None)
+    if n is not None and split is not None:
+        return _split_eval(split, x, y, yt, n, kind)
 
     def one():
         with tf.GradientTape() as tape:
@@ -248,7 +256,42 @@ def _eval(model_fn, x, y, yt, n, kind):
     return l / nf, g / nf, z / nf
 
 
+def _split_eval(split, x, y, yt, n, kind):
+    """_eval through a deterministic prefix: h = prefix(x) once; per draw the suffix's
+    loss and its gradient in h; the mean gradient pulled back through the prefix."""
+    prefix, suffix, num_classes = split
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        h = prefix(x)
+
+    def body(k, l, gh, z):
+        with tf.GradientTape() as t2:
+            t2.watch(h)
+            zi = tf.cast(suffix(h), tf.float32)
+            _num_classes_check(zi, _MIN_CLASSES[kind], f"loss={kind!r}")
+            li = _loss(kind, zi, y, yt)
+            total = tf.reduce_sum(li)
+        return k + 1, l + li, [a + b for a, b in zip(gh, t2.gradient(total, h))], z + zi
+
+    b = tf.shape(x)[0]
+    # from zeros: the graph holds one copy of the suffix
+    _, l, gh, z = tf.while_loop(lambda k, *_: k < n, body,
+                                (tf.constant(0), tf.zeros(tf.reshape(b, [1])),
+                                 [tf.zeros_like(t) for t in h],
+                                 tf.zeros(tf.stack([b, num_classes]))))
+    nf = tf.cast(n, tf.float32)
+    g = tape.gradient(h, x, output_gradients=[v / nf for v in gh])
+    return l / nf, g, z / nf
+
+
 def _mean_logits(model_fn, x, n):
+    split = getattr(model_fn, "eot_split", None)
+    if n is not None and split is not None:
+        h = split[0](x)
+        _, z = tf.while_loop(lambda k, z: k < n,
+                             lambda k, z: (k + 1, z + tf.cast(split[1](h), tf.float32)),
+                             (tf.constant(0), tf.zeros(tf.stack([tf.shape(x)[0], split[2]]))))
+        return z / tf.cast(n, tf.float32)
     z = tf.cast(model_fn(x), tf.float32)
     if n is None:
         return z
@@ -411,12 +454,19 @@ def _run(static, model_fn, tensors):
         fn = tf.function(functools.partial(_apgd_core, **static), reduce_retracing=True,
                          autograph=False)
         _CACHE[key] = fn
+    # one trace for any batch size (the checkpoint schedule's length is static per nb_iter)
+    specs = tuple(None if t is None else tf.TensorSpec(
+            [None] + t.shape.as_list()[1:] if t.shape.rank and i < 3 else t.shape, t.dtype)
+            for i, t in enumerate(tensors))
+    fn.get_concrete_function(model_fn, *specs)
     return fn(model_fn, *tensors)
 
 
 def _n(v):
-    """A count that is statically 1 becomes None: the graph then has no loop for it."""
-    return None if _static(v) == 1 else tf.convert_to_tensor(v, tf.int32)
+    """A count that is statically 1 becomes None inside a caller's tf.function (no loop
+    in its graph); called eagerly it stays a tensor, so plain and EOT share a trace."""
+    return None if _static(v) == 1 and tf.inside_function() else tf.convert_to_tensor(v,
+                                                                                     tf.int32)
 
 
 # ---------------------------------------------------------------- public API

@@ -15,16 +15,20 @@ EOT (expectation over transformation, here over the model's own noise): with
 k-th call of `model_fn` (a fresh Feynman-Kac noise draw per call). The n calls are
 made one after another (a tf.while_loop), not by tiling the batch, so the noise
 statistics of one call (e.g. std(out) over the batch) are those of a plain call.
+A model_fn with an `eot_split` = (prefix, suffix, num_classes) (robust.evaluation's
+StochasticModel) has its noise-free prefix run once per step and only the
+suffix n times (`split_eot_grad`): the same gradient at a lower cost.
 
 Graph use: the functions are pure TF (loops are tf.while_loop, randomness is
 tf.random, no numpy on tensors), so they can be called inside a `tf.function`
 (e.g. a compiled adversarial train_step); there they are traced inline. Called
 eagerly, they run a `tf.function` cached at module level per attack and static
-options (norm, rand_init, targeted, ...); eps, eps_iter, nb_iter, restarts,
-eot_samples, c, ... are passed as tensors, so a sweep over eps or a smaller last
-batch does not retrace (reduce_retracing). The model is a traced argument: pass
-the same callable object each time (a Keras model, or one function object kept
-by the caller): a new lambda per call retraces per call.
+options (norm, rand_init, targeted, ...), traced once for any batch size; eps,
+eps_iter, nb_iter, restarts, eot_samples, c, ... are passed as tensors, so a sweep
+over eps, EOT draws or restarts, or a smaller last batch, does not retrace. The
+model is a traced argument: pass the same callable object each time (a Keras
+model, or one function object kept by the caller): a new lambda per call
+retraces per call.
 """
 
 import functools
@@ -111,12 +115,19 @@ def _eot_grad(model_fn, x, y, n, targeted, loss_fn=None):
     """
     sign = -1.0 if targeted else 1.0
 
+    def loss_of(logits):
+        return sign * (_ce_sum(logits, y) if loss_fn is None
+                       else tf.reduce_sum(loss_fn(y, logits)))
+
+    split = eot_split(model_fn)
+    if n is not None and split is not None:
+        return split_eot_grad(split, x, n, loss_of)
+
     def one(g, z):
         with tf.GradientTape() as tape:
             tape.watch(x)
             logits = tf.cast(model_fn(x), tf.float32)
-            loss = sign * (_ce_sum(logits, y) if loss_fn is None
-                           else tf.reduce_sum(loss_fn(y, logits)))
+            loss = loss_of(logits)
         return g + tape.gradient(loss, x), z + logits
 
     g0, z0 = one(tf.zeros_like(x), 0.0)
@@ -130,6 +141,67 @@ def _eot_grad(model_fn, x, y, n, targeted, loss_fn=None):
 
     _, g, z = tf.while_loop(lambda k, g, z: k < n, body, (tf.constant(1), g0, z0))
     return g / nf, z / nf
+
+
+def eot_split(model_fn):
+    """model_fn's (prefix, suffix, num_classes) if it has one (robust.evaluation.
+    StochasticModel): prefix(x) -> [h, ...] deterministic, suffix([h, ...]) -> logits
+    [B, num_classes] with the noise."""
+    return getattr(model_fn, "eot_split", None)
+
+
+def _logit_zeros(x, num_classes):
+    return tf.zeros(tf.stack([tf.shape(x)[0], num_classes]), tf.float32)
+
+
+def split_eot_grad(split, x, n, loss_of, extra=None):
+    """EOT gradient through a deterministic prefix computed once.
+
+    h = prefix(x); G = (1/n) sum_k dL(suffix_k(h))/dh; grad = J_prefix(x)^T G (+ the
+    gradient of extra(x), a deterministic scalar, e.g. CW's distance term); also
+    returns the mean logits. Same value as n full calls, at the cost of one prefix
+    and n suffix passes; the loop starts from zeros, so the graph holds one suffix.
+    loss_of(logits) -> scalar.
+    """
+    prefix, suffix, num_classes = split
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        h = prefix(x)
+        e = extra(x) if extra is not None else None
+
+    def body(k, gh, z):
+        with tf.GradientTape() as t2:
+            t2.watch(h)
+            logits = tf.cast(suffix(h), tf.float32)
+            loss = loss_of(logits)
+        return k + 1, [a + b for a, b in zip(gh, t2.gradient(loss, h))], z + logits
+
+    _, gh, z = tf.while_loop(lambda k, *_: k < n, body,
+                             (tf.constant(0), [tf.zeros_like(t) for t in h],
+                              _logit_zeros(x, num_classes)))
+    nf = tf.cast(n, tf.float32)
+    targets = list(h) + ([e] if e is not None else [])
+    grads = [g / nf for g in gh] + ([tf.ones_like(e)] if e is not None else [])
+    return tape.gradient(targets, x, output_gradients=grads), z / nf
+
+
+def mean_logits(model_fn, x, n):
+    """Mean logits over n calls of model_fn (n None: one call); a split model runs its
+    prefix once."""
+    split = eot_split(model_fn)
+    if n is not None and split is not None:
+        h = split[0](x)
+        _, z = tf.while_loop(lambda k, z: k < n,
+                             lambda k, z: (k + 1, z + tf.cast(split[1](h), tf.float32)),
+                             (tf.constant(0), _logit_zeros(x, split[2])))
+        return z / tf.cast(n, tf.float32)
+    z = tf.cast(model_fn(x), tf.float32)
+    if n is None:
+        return z
+    _, z = tf.while_loop(lambda k, z: k < n,
+                         lambda k, z: (k + 1, z + tf.cast(model_fn(x), tf.float32)),
+                         (tf.constant(1), z))
+    return z / tf.cast(n, tf.float32)
 
 
 def _linf_step(g, step):
@@ -190,12 +262,7 @@ def _pgd_once(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, r
 
 def _score(model_fn, x, y, eot):
     """Per-example (misclassified, CE) of the mean logits over eot calls."""
-    z = tf.cast(model_fn(x), tf.float32)
-    if eot is not None:
-        _, z = tf.while_loop(lambda k, z: k < eot,
-                             lambda k, z: (k + 1, z + tf.cast(model_fn(x), tf.float32)),
-                             (tf.constant(1), z))
-        z = z / tf.cast(eot, tf.float32)
+    z = mean_logits(model_fn, x, eot)
     wrong = tf.not_equal(tf.argmax(z, axis=-1, output_type=tf.int32), y)
     return wrong, tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z)
 
@@ -206,9 +273,8 @@ def _pgd_core(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, r
     args = (eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax, norm, rand_init,
             loss_fn)
     best = _pgd_once(model_fn, x, y, *args)
-    if restarts is None:  # statically one run
+    if restarts is None or loss_fn is not None:  # statically one run (a custom loss: always)
         return tf.stop_gradient(best)
-    best_wrong, best_loss = _score(model_fn, best, y, eot)
     bshape = tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0)
 
     def body(r, best, bw, bl):
@@ -219,9 +285,13 @@ def _pgd_core(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, r
         best = tf.where(tf.reshape(take, bshape), cand, best)
         return r + 1, best, tf.logical_or(bw, cw), tf.where(take, cl, bl)
 
-    _, best, _, _ = tf.while_loop(lambda r, *_: r < restarts, body,
-                                  (tf.constant(1), best, best_wrong, best_loss))
-    return tf.stop_gradient(best)
+    def more(best):
+        best_wrong, best_loss = _score(model_fn, best, y, eot)
+        return tf.while_loop(lambda r, *_: r < restarts, body,
+                             (tf.constant(1), best, best_wrong, best_loss))[1]
+
+    # restarts as a tensor (eager calls): one run needs no scoring pass
+    return tf.stop_gradient(tf.cond(restarts > 1, lambda: more(best), lambda: best))
 
 
 def _adam(g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
@@ -246,6 +316,18 @@ def _cw_core(model_fn, x, y, c, kappa, lr, steps, clip_min, clip_max, eot):
 
     def objective(w):
         """Per-example |x'-x|^2 + c * max(Z_y - max_{j!=y} Z_j + kappa, 0), its EOT gradient."""
+        split = eot_split(model_fn)
+        if eot is not None and split is not None:
+            def hinge(z):
+                onehot = tf.one_hot(y, tf.shape(z)[-1])
+                zy = tf.reduce_sum(z * onehot, -1)
+                return c * tf.reduce_sum(tf.maximum(zy - tf.reduce_max(z - 1e9 * onehot, -1)
+                                                    + kappa, 0.0))
+
+            pre, suf, classes = split
+            return split_eot_grad((lambda v: pre(to_x(v)), suf, classes), w, eot, hinge,
+                                  extra=lambda v: tf.reduce_sum(tf.square(to_x(v) - x)))
+
         def one(gw, zsum):
             with tf.GradientTape() as tape:
                 tape.watch(w)
@@ -311,6 +393,12 @@ def clear_cache():
     _CACHE.clear()
 
 
+def batch_free_specs(tensors):
+    """TensorSpecs of `tensors` with the batch (first) axis of non-scalars unknown."""
+    return tuple(None if t is None else tf.TensorSpec(
+            [None] + t.shape.as_list()[1:] if t.shape.rank else [], t.dtype) for t in tensors)
+
+
 def _run(core, static, model_fn, tensors):
     """Runs `core` inline inside a caller's tf.function, else through a cached tf.function."""
     if tf.inside_function():
@@ -322,6 +410,9 @@ def _run(core, static, model_fn, tensors):
         fn = tf.function(functools.partial(core, **static), reduce_retracing=True,
                          autograph=False)
         _CACHE[key] = fn
+    # one trace for every batch size (a last or smaller batch would retrace); a lookup
+    # once traced
+    fn.get_concrete_function(model_fn, *batch_free_specs(tensors))
     return fn(model_fn, *tensors)
 
 
@@ -334,8 +425,10 @@ def _i(v):
 
 
 def _n(v):
-    """A count that is statically 1 becomes None: the graph then has no loop for it."""
-    return None if _static(v) == 1 else _i(v)
+    """A count that is statically 1 becomes None inside a caller's tf.function: the
+    graph then has no loop for it. Called eagerly it stays a tensor, so one cached
+    trace serves 1 and n (plain and EOT runs, one and more restarts)."""
+    return None if _static(v) == 1 and tf.inside_function() else _i(v)
 
 
 def _y(y):
@@ -398,6 +491,9 @@ def pgd(model_fn, x, eps, eps_iter, nb_iter, norm=np.inf, clip_min=0., clip_max=
         raise ValueError("loss_fn needs a callable loss_fn(y, logits), the y it compares "
                          "against, and restarts=1 (restarts are judged by misclassification)")
     x = _f(x)
+    if not rand_init and not tf.inside_function():
+        # a start drawn from radius 0 is x itself: IFGSM shares PGD's cached trace
+        rand_init, rand_minmax = True, 0.0
     static = dict(norm=norm, rand_init=bool(rand_init), loss_fn=loss_fn)
     return _run(_pgd_core, static, model_fn,
                 (x, _y(y), _f(eps), _f(eps_iter), _i(nb_iter), _f(clip_min), _f(clip_max),

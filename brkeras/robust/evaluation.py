@@ -26,9 +26,32 @@ randomness (two binomial standard errors; zero for a deterministic model).
   cw_rescaled after cw; plain/eot = {single, expected[, mean_linf, mean_l2]} or
   None (eot is None for attacks not in eot_attacks and for a deterministic model);
   eps_sweep {eps, n_examples, attacks {fgsm, pgd20: {single: [...], expected: [...]}}};
-  more_effort {pgd20, steps_x2, restarts_x2, n_examples}; sanity [{check, held,
+  more_effort {pgd20, steps_x2, restarts_x2, n_examples}; worst_case {expected,
+  n_examples, members, strongest, broken_only_by}; sanity [{check, held,
   detail}]; sparsity (brkeras.sparsity.report of the exact quantized kernels, or
-  of the 3x3 conv kernels of a float model); time_s.
+  of the 3x3 conv kernels of a float model); time_s. A mode's entry also has
+  time_s, and an EOT entry its draws.
+
+AutoAttack's "rand" version (Croce and Hein 2020, SPEC 10) for a randomised
+model: APGD-CE and APGD-DLR (apgd.py; `apgd_steps` steps with its step-size
+schedule, `apgd_eot_samples` EOT draws), rows "apgd_ce" and "apgd_dlr". Attacks
+in `eot_only` run only with EOT on a stochastic model (their plain run would be
+a weaker copy at the same cost).
+
+Worst case per example (the headline robust accuracy): an example is robust
+when its expected prediction is right on the clean image and on the x_adv of
+every L-inf attack and mode run on all examples (cw_rescaled included, it lies
+in the eps-ball; plain CW is L2 and unbounded, so it is not a member; the eps
+sweep and the more-effort runs use a subset and are not members either):
+  worst_case = mean_i prod_a correct_a(i)  <=  min_a accuracy_a.
+With `return_adversarial`, evaluate_model also returns per example the x_adv
+of the first member that broke it (else of the strongest member), for transfer
+to the exported files.
+
+Cost: every (attack, mode) is one pass of nb_iter x draws gradient calls per
+batch; predictions are one compiled forward pass per draw over batches of
+`predict_batch_size`; the eps sweep and the more-effort baseline reuse the main
+runs at the main eps (and the natural accuracy at eps 0) instead of repeating them.
 """
 
 import dataclasses
@@ -41,14 +64,18 @@ import numpy as np
 from brkeras.nn import layers as layers_lib
 from brkeras.quant import binary_relax
 from brkeras.quant import sparsity
+from brkeras.robust import apgd as apgd_lib
 from brkeras.robust import attacks
 from brkeras.robust.sanity import sanity_checks
 from brkeras._keras import keras, tf
 
 # Settings of the attacks relative to the eval eps (SPEC 5 at CIFAR scale:
 # IFGSM-20 steps 1/255 of an 8/255 ball, PGD-20 steps 2/255) and CW's reference values.
+# APGD (SPEC 10): AutoAttack's 100 steps cut to 40 (its schedule scales with nb_iter);
+# apgd_eot_samples = 0 uses the evaluation's eot_samples.
 DEFAULT_PARAMS = dict(ifgsm_step_fraction=1 / 8, pgd_step_fraction=1 / 4, cw_c=10.0,
-                      cw_kappa=0.0, cw_lr=6e-4, cw_steps=50)
+                      cw_kappa=0.0, cw_lr=6e-4, cw_steps=50, apgd_steps=40, apgd_restarts=1,
+                      apgd_rho=0.75, apgd_eot_samples=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +102,22 @@ def _run_pgd(model_fn, x, y, s, eot):
                        rand_init=s["rand_init"], restarts=s.get("restarts", 1), eot_samples=eot)
 
 
+def _apgd_settings(loss):
+    def settings(eps, p):
+        s = {"norm": "linf", "eps": eps, "nb_iter": int(p["apgd_steps"]), "loss": loss,
+             "restarts": int(p["apgd_restarts"]), "rho": float(p["apgd_rho"])}
+        if int(p["apgd_eot_samples"]) > 0:
+            s["eot_samples"] = int(p["apgd_eot_samples"])  # the draws of its EOT mode
+        return s
+    return settings
+
+
+def _run_apgd(model_fn, x, y, s, eot):
+    return apgd_lib.apgd(model_fn, x, s["eps"], nb_iter=s["nb_iter"], norm=np.inf,
+                         loss=s["loss"], y=y, restarts=s["restarts"], rho=s["rho"],
+                         eot_samples=eot)
+
+
 # The one registry of evaluation attacks: the CLI, the config check, the
 # pipeline's summary and the report read their names from here.
 ATTACKS = {
@@ -88,6 +131,8 @@ ATTACKS = {
                  lambda f, x, y, s, eot: attacks.cw_l2(f, x, y=y, c=s["c"], kappa=s["kappa"],
                                                        lr=s["lr"], steps=s["steps"],
                                                        eot_samples=eot)),
+    "apgd_ce": Attack("apgd_ce", _apgd_settings("ce"), _run_apgd),
+    "apgd_dlr": Attack("apgd_dlr", _apgd_settings("dlr"), _run_apgd),
 }
 
 
@@ -108,31 +153,183 @@ def run_attack(name, settings, model_fn, x, y, eot):
     return ATTACKS[name].run(model_fn, x, y, settings, eot)
 
 
+def _flat(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _noise_layers(net):
+    return [l for l in net.layers if isinstance(l, (layers_lib.FeynmanKacNoise,
+                                                    layers_lib.AddScaledNoise)) and l.sigma > 0]
+
+
+def split_at_noise(net, check_x=None):
+    """(prefix, suffix) Keras models of a functional model cut before its noise, or None.
+
+    prefix: x -> [h_1, ...], the tensors computed before any noise layer that the
+    noise layers (or layers after them) read: deterministic (BatchNorm in inference
+    mode, no random op). suffix: [h_1, ...] -> logits, the rest, with the same layer
+    objects (shared weights). net(x) and suffix(prefix(x)) have one distribution,
+    so an EOT average over K draws needs the prefix once and the suffix K times:
+    for the default EnResNet (stem and stage-1 block at full resolution) the prefix
+    is about half of a forward and backward pass. With check_x (a few images), the
+    cut is checked: with every noise sigma set to 0 both must give net's logits.
+    None when the model has no noise, is not a single-input functional model, or
+    calls a layer more than once.
+    """
+    noise = {id(l) for l in _noise_layers(net)}
+    if not noise or len(getattr(net, "inputs", []) or []) != 1 or len(net.outputs) != 1:
+        return None
+    known, noisy, cut, nodes = {id(net.inputs[0])}, set(), [], []
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        mine = [n for n in layer.inbound_nodes
+                if all(id(t) in known for t in _flat(n.input_tensors))]
+        if len(mine) != 1:
+            return None
+        node = mine[0]
+        ins, outs = _flat(node.input_tensors), _flat(node.output_tensors)
+        if id(layer) in noise or any(id(t) in noisy for t in ins):
+            cut += [t for t in ins if id(t) not in noisy and all(t is not c for c in cut)]
+            nodes.append((layer, node))
+            noisy.update(id(t) for t in outs)
+        known.update(id(t) for t in outs)
+    if id(net.outputs[0]) not in noisy:
+        return None
+    prefix = keras.Model(net.inputs, cut, name=net.name + "_prefix")
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in cut]
+    new = {id(t): i for t, i in zip(cut, inputs)}
+    for layer, node in nodes:
+        args = [new[id(t)] for t in _flat(node.input_tensors)]
+        out = layer(args if isinstance(node.input_tensors, (list, tuple)) else args[0])
+        for old, nt in zip(_flat(node.output_tensors), _flat(out)):
+            new[id(old)] = nt
+    suffix = keras.Model(inputs, new[id(net.outputs[0])], name=net.name + "_suffix")
+    if check_x is not None:
+        layers = _noise_layers(net)
+        sigmas = [l.sigma for l in layers]
+        try:
+            for l in layers:
+                l.sigma = 0.0  # the noise layers become the identity (eager calls)
+            xc = tf.constant(check_x, tf.float32)
+            a = net(xc, training=False).numpy()
+            b = suffix(_flat(prefix(xc, training=False)), training=False).numpy()
+        finally:
+            for l, s in zip(layers, sigmas):
+                l.sigma = s
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
+            return None
+    return prefix, suffix
+
+
 class StochasticModel:
     """The network in inference mode with its prediction over noise draws.
 
-    One callable object, so the attacks trace once per model.
+    One callable object, so the attacks trace once per model; `predict` runs one
+    compiled tf.function (all draws of a batch in one call, any batch size).
+    `eot_split` = (prefix_fn, suffix_fn, num_classes): the cut of `split_at_noise`
+    (for a deterministic or uncuttable model prefix_fn is x -> [x]): the EOT loops
+    of attacks.py and apgd.py and the expected prediction run the deterministic
+    prefix once per point, and trace one copy of the suffix.
     """
 
-    def __init__(self, net, draws, batch_size):
+    def __init__(self, net, draws, batch_size, predict_batch_size=None, check_x=None):
         self.net, self.draws, self.batch_size = net, int(draws), int(batch_size)
+        self.predict_batch_size = int(predict_batch_size or batch_size)
+        classes = int(net.outputs[0].shape[-1])
+        split = split_at_noise(net, check_x) if self.draws > 1 else None
+        if split is not None:
+            prefix, suffix = split
+            self.eot_split = (lambda x: _flat(prefix(x, training=False)),
+                              lambda h: suffix(h, training=False), classes)
+        else:
+            self.eot_split = (lambda x: [x], lambda h: net(h[0], training=False), classes)
+        self.split = split is not None
+        spec = tf.TensorSpec([None] + list(net.inputs[0].shape[1:]), tf.float32)
+        self._predict = tf.function(self._predictions, input_signature=[spec],
+                                    autograph=False)
 
     def __call__(self, x):
         return self.net(x, training=False)
 
+    def _predictions(self, x):
+        """(argmax of draw 1, argmax of the mean softmax over `draws` draws)."""
+        h, draw = self.eot_split[0](x), self.eot_split[1]
+        p = tf.nn.softmax(tf.cast(draw(h), tf.float32))
+        total = p
+        if self.draws > 1:  # a loop: the graph holds one copy of the model
+            _, total = tf.while_loop(
+                    lambda k, t: k < self.draws,
+                    lambda k, t: (k + 1, t + tf.nn.softmax(tf.cast(draw(h), tf.float32))),
+                    (tf.constant(1), p))
+        return (tf.argmax(p, -1, output_type=tf.int32),
+                tf.argmax(total, -1, output_type=tf.int32))
+
     def predict(self, x):
         """(single-draw predictions, expected predictions) over `draws` noise draws."""
         single, expected = [], []
-        for i in range(0, len(x), self.batch_size):
-            xb = tf.constant(x[i:i + self.batch_size])
-            probs = [tf.nn.softmax(self(xb)).numpy() for _ in range(self.draws)]
-            single.append(probs[0].argmax(1))
-            expected.append(np.mean(probs, axis=0).argmax(1))
+        for i in range(0, len(x), self.predict_batch_size):
+            s, e = self._predict(tf.constant(x[i:i + self.predict_batch_size], tf.float32))
+            single.append(s.numpy())
+            expected.append(e.numpy())
         return np.concatenate(single), np.concatenate(expected)
 
-    def accuracy(self, x, y):
+    def correct(self, x, y):
+        """Per-example correctness (single draw, expected prediction), bool [N] each."""
         s, e = self.predict(x)
-        return {"single": float(np.mean(s == y)), "expected": float(np.mean(e == y))}
+        return s == y, e == y
+
+    def accuracy(self, x, y):
+        return _acc(*self.correct(x, y))
+
+
+def _acc(single_correct, expected_correct):
+    return {"single": float(np.mean(single_correct)), "expected": float(np.mean(expected_correct))}
+
+
+class WorstCaseExamples:
+    """Per example, the x_adv of the first member that broke it (expected prediction),
+    else that of the strongest member so far (lowest accuracy): two arrays, however
+    many attacks are added."""
+
+    def __init__(self, x):
+        self.x_adv = np.array(x, np.float32, copy=True)
+        self.source = np.full(len(x), -1, np.int32)  # index into self.names
+        self.broken = np.zeros(len(x), bool)
+        self.names, self._best = [], math.inf
+
+    def add(self, name, correct, x_adv):
+        i = len(self.names)
+        self.names.append(name)
+        acc = float(np.mean(correct))
+        if acc < self._best:  # the strongest so far: its x_adv for the unbroken
+            keep = ~self.broken & correct
+            self.x_adv[keep], self.source[keep] = x_adv[keep], i
+            self._best = acc
+        new = ~self.broken & ~correct
+        self.x_adv[new], self.source[new] = x_adv[new], i
+        self.broken |= ~correct
+
+
+def worst_case(members):
+    """The worst case over `members` {name: expected-prediction correctness bool [n]}.
+
+    robust_i = AND_a correct_a(i); returns (dict(expected = mean robust, n_examples,
+    members, strongest (the attack member of lowest accuracy), broken_only_by
+    {member: examples no other member broke}), robust [n]).
+    """
+    names = list(members)
+    c = np.stack([np.asarray(members[k], bool) for k in names])
+    robust = c.all(0)
+    only = {}
+    for i, k in enumerate(names):
+        others = np.delete(c, i, axis=0).all(0) if len(names) > 1 else np.ones_like(robust)
+        only[k] = int(np.sum(~c[i] & others))
+    attack_members = [k for k in names if k != "natural"]
+    strongest = min(attack_members, key=lambda k: float(np.mean(members[k]))) \
+        if attack_members else None
+    return {"expected": float(np.mean(robust)), "n_examples": int(len(robust)),
+            "members": names, "strongest": strongest, "broken_only_by": only}, robust
 
 
 def adversarial_examples(model, name, settings, x, y, eot, progress=None):
@@ -163,14 +360,24 @@ def model_kernels(net):
 
 
 def check_arguments(attack_names, eot_attacks, eot_samples, batch_size, sweep_examples,
-                    eps_sweep):
+                    eps_sweep, eot_only=(), predict_batch_size=1, attack_params=None):
     """Raises ValueError naming the argument (and its config.eval field) that is wrong."""
-    unknown = [a for a in list(attack_names) + list(eot_attacks) if a not in ATTACKS]
+    unknown = [a for a in list(attack_names) + list(eot_attacks) + list(eot_only)
+               if a not in ATTACKS]
     if unknown:
-        raise ValueError(f"attacks / eot_attacks (config.eval.attacks / eot_attacks) list "
-                         f"unknown attacks {unknown}; choose from {tuple(ATTACKS)}")
+        raise ValueError(f"attacks / eot_attacks / eot_only (config.eval.attacks / eot_attacks "
+                         f"/ eot_only) list unknown attacks {unknown}; choose from "
+                         f"{tuple(ATTACKS)}")
+    p = _params(attack_params)
+    for field in ("apgd_steps", "apgd_restarts"):
+        if int(p[field]) < 1:
+            raise ValueError(f"{field}={p[field]} (config.eval.{field}); it must be >= 1")
+    if int(p["apgd_eot_samples"]) < 0 or not 0 < float(p["apgd_rho"]) <= 1:
+        raise ValueError(f"apgd_eot_samples={p['apgd_eot_samples']}, apgd_rho={p['apgd_rho']} "
+                         "(config.eval): give draws >= 0 (0 = eot_samples) and rho in (0, 1]")
     for field, v in (("eot_samples", eot_samples), ("batch_size", batch_size),
-                     ("sweep_examples", sweep_examples)):
+                     ("sweep_examples", sweep_examples),
+                     ("predict_batch_size", predict_batch_size)):
         if int(v) < 1:
             raise ValueError(f"{field}={v} (config.eval.{field}); it must be >= 1")
     if eps_sweep is not None:
@@ -184,10 +391,39 @@ def _progress(n, verbose, unit):
     return keras.utils.Progbar(n, verbose=verbose, unit_name=unit)
 
 
+def _restarts_x2(m, settings, x, y, first=None):
+    """PGD-20 with 2 restarts, as attacks.pgd(restarts=2) picks: per example the first
+    run's x_adv unless the second is misclassified or of higher CE where the first is
+    not misclassified (each judged on one draw). `first`: an independent PGD-20 run
+    already made (the main plain run), which serves as restart 1."""
+    if first is None:
+        return adversarial_examples(m, "pgd20", {**settings, "restarts": 2}, x, y, 1)
+    second = adversarial_examples(m, "pgd20", settings, x, y, 1)
+
+    def score(x_adv):
+        z = np.concatenate([m(tf.constant(x_adv[i:i + m.batch_size])).numpy()
+                            for i in range(0, len(x_adv), m.batch_size)]).astype(np.float64)
+        z = z - z.max(1, keepdims=True)
+        ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
+        return z.argmax(1) != y, ce
+
+    (w1, l1), (w2, l2) = score(first), score(second)
+    take = ~w1 & (w2 | (l2 > l1))
+    return np.where(take.reshape((-1,) + (1,) * (first.ndim - 1)), second, first)
+
+
+def _modes(name, eot_attacks, eot_only, draws, settings):
+    """[(mode, draws)] of attack `name`: plain, and EOT for a stochastic model."""
+    if name not in eot_attacks or draws <= 1:
+        return [("plain", 1)]
+    eot = [("eot", int(settings.get("eot_samples", draws)))]
+    return eot if name in eot_only else [("plain", 1)] + eot
+
+
 def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw"),
                    eot_attacks=("pgd20",), eot_samples=4, batch_size=200, eps_sweep=None,
                    sweep_examples=300, more_effort=True, num_classes=None, attack_params=None,
-                   verbose=0):
+                   eot_only=(), predict_batch_size=1000, return_adversarial=False, verbose=0):
     """Robust evaluation of a (stochastic, quantized) Keras model on arrays.
 
     Args:
@@ -199,27 +435,37 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
         eps: L-inf radius of every attack (CW reports its rescaling to eps).
         attacks: names from ATTACKS, run plainly.
         eot_attacks: those also run with gradients averaged over `eot_samples`
-            noise draws (only for a stochastic model).
+            noise draws (only for a stochastic model; an attack's settings may
+            name its own draws, e.g. APGD's apgd_eot_samples).
+        eot_only: those of eot_attacks run only with EOT on a stochastic model
+            (names not in eot_attacks are ignored: they run plainly).
         eot_samples: noise draws for EOT gradients and for the expected prediction.
         batch_size: examples per attack batch.
         eps_sweep: ascending radii for FGSM and PGD-20 on the first
             `sweep_examples` examples (None: no sweep).
         more_effort: PGD-20 with 2x steps and 2x restarts on those examples.
         num_classes: for the near-chance check (default: the model's output width).
-        attack_params: overrides of DEFAULT_PARAMS (step fractions, CW settings).
+        attack_params: overrides of DEFAULT_PARAMS (step fractions, CW and APGD settings).
+        predict_batch_size: examples per compiled prediction call.
+        return_adversarial: also return {"x", "y", "x_adv", "robust", "source",
+            "members"}: per example the worst-case x_adv (see the module docstring),
+            its worst-case robustness and the index into members of the attack
+            that made it.
         verbose: 1 for progress bars and messages.
 
     Returns:
-        A dict with the content of eval.json (see the module docstring).
+        A dict with the content of eval.json (see the module docstring); with
+        return_adversarial, (that dict, the arrays).
 
     Example:
         result = evaluate_model(qnet, x_test, y_test, eps=0.1, attacks=("fgsm", "pgd20"),
                                 eot_samples=2)
-        result["attacks"]["pgd20"]["eot"]["expected"]
+        result["attacks"]["pgd20"]["eot"]["expected"], result["worst_case"]["expected"]
     """
     t0 = time.time()
     attack_names = tuple(attacks)
-    check_arguments(attack_names, eot_attacks, eot_samples, batch_size, sweep_examples, eps_sweep)
+    check_arguments(attack_names, eot_attacks, eot_samples, batch_size, sweep_examples, eps_sweep,
+                    eot_only, predict_batch_size, attack_params)
     x = np.asarray(x)
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     y = np.asarray(y).reshape(-1).astype(np.int32)
@@ -241,34 +487,68 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
         restore_phase = binary_relax.br_state(model)[1]
         binary_relax.set_exact(model, True)
     try:
-        m = StochasticModel(model, draws, batch_size)
+        m = StochasticModel(model, draws, batch_size, predict_batch_size, check_x=x[:8])
+        nat = m.correct(x, y)
         result = {"n_examples": n, "eps": eps,
                   "noise": {"sigma": sigma, "draws": draws, "stochastic": stochastic},
-                  "natural_acc": m.accuracy(x, y), "attacks": {}}
+                  "natural_acc": _acc(*nat), "attacks": {}}
         say(f"[evaluate] {n} test examples, natural accuracy {result['natural_acc']}", flush=True)
         n_batches = math.ceil(n / m.batch_size)
+        members = {"natural": nat[1]}  # worst-case members: expected correctness [n]
+        worst_x = WorstCaseExamples(x)
+        plain = {}  # attack -> (single, expected) correctness of its plain run at eps
+        k = min(n, int(sweep_examples))  # examples of the eps sweep and more effort
+        plain_pgd_x = None  # the main plain PGD-20 x_adv of those
+
+        def record(label, correct, x_adv):
+            members[label] = correct[1]
+            worst_x.add(label, correct[1], x_adv)
+
         for name in attack_names:
             settings = attack_settings(name, params, eps)
             entry = {"settings": settings, "plain": None, "eot": None}
             rescaled = {"settings": {**settings, "note": "x + eps * (x_cw - x), as the reference"},
                         "plain": None, "eot": None}
-            modes = [("plain", 1)] + ([("eot", draws)] if name in eot_attacks and draws > 1 else [])
-            for mode, eot in modes:
-                say(f"[evaluate] {name} ({mode})", flush=True)
+            for mode, eot in _modes(name, eot_attacks, eot_only, draws, settings):
+                say(f"[evaluate] {name} ({mode}{f', {eot} draws' if eot > 1 else ''})",
+                    flush=True)
+                t_mode = time.time()
                 x_adv = adversarial_examples(m, name, settings, x, y, eot,
                                              _progress(n_batches, verbose, "batch"))
-                entry[mode] = m.accuracy(x_adv, y)
+                c = m.correct(x_adv, y)
+                entry[mode] = _acc(*c)
                 entry[mode]["mean_linf"] = float(np.abs(x_adv - x).reshape(n, -1).max(1).mean())
                 entry[mode]["mean_l2"] = float(
                     np.sqrt(((x_adv - x) ** 2).reshape(n, -1).sum(1)).mean())
-                if name == "cw":
-                    rescaled[mode] = m.accuracy(attacks_rescale(x, x_adv, eps), y)
+                if mode == "eot":
+                    entry[mode]["draws"] = eot
+                else:
+                    plain[name] = c
+                    if name == "pgd20":  # restart 1 of the more-effort restarts_x2
+                        plain_pgd_x = x_adv[:k]
+                if settings.get("norm") == "linf":
+                    record(f"{name}/{mode}", c, x_adv)
+                if name == "cw":  # x + eps (x_cw - x) lies in the L-inf eps-ball
+                    x_r = attacks_rescale(x, x_adv, eps)
+                    c_r = m.correct(x_r, y)
+                    rescaled[mode] = _acc(*c_r)
+                    record(f"cw_rescaled/{mode}", c_r, x_r)
+                entry[mode]["time_s"] = round(time.time() - t_mode, 1)
             result["attacks"][name] = entry
             if name == "cw":
                 result["attacks"]["cw_rescaled"] = rescaled
-        k = min(n, int(sweep_examples))
         xs, ys = x[:k], y[:k]
-        at_eps = {}  # (attack, eps) -> accuracy, reused by the more-effort baseline
+
+        def subset_accuracy(name, e):
+            """Accuracy of plain attack `name` at radius e on the first k examples; the
+            natural accuracy (e = 0) and the main runs (e = eps) are reused."""
+            if e == 0:
+                return _acc(nat[0][:k], nat[1][:k])
+            if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12) and name in plain:
+                return _acc(plain[name][0][:k], plain[name][1][:k])
+            return m.accuracy(adversarial_examples(m, name, attack_settings(name, params, e),
+                                                   xs, ys, 1), ys)
+
         if eps_sweep is not None:
             sweep = {"eps": [float(e) for e in eps_sweep], "n_examples": k, "attacks": {}}
             say(f"[evaluate] eps sweep over {sweep['eps']} on {k} examples", flush=True)
@@ -276,10 +556,7 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
             for name in ("fgsm", "pgd20"):
                 accs = {"single": [], "expected": []}
                 for e in sweep["eps"]:
-                    a = (m.accuracy(xs, ys) if e == 0 else m.accuracy(
-                        adversarial_examples(m, name, attack_settings(name, params, e), xs, ys, 1),
-                        ys))
-                    at_eps[(name, e)] = a
+                    a = subset_accuracy(name, e)
                     accs["single"].append(a["single"])
                     accs["expected"].append(a["expected"])
                     bar.add(1)
@@ -287,21 +564,24 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
             result["eps_sweep"] = sweep
         if more_effort:
             base = attack_settings("pgd20", params, eps)
-            baseline = at_eps.get(("pgd20", eps)) or m.accuracy(
-                adversarial_examples(m, "pgd20", base, xs, ys, 1), ys)
             result["more_effort"] = {
-                "pgd20": baseline,
+                "pgd20": subset_accuracy("pgd20", eps),
                 "steps_x2": m.accuracy(adversarial_examples(m, "pgd20", {**base, "nb_iter": 40},
                                                             xs, ys, 1), ys),
-                "restarts_x2": m.accuracy(adversarial_examples(m, "pgd20", {**base, "restarts": 2},
-                                                               xs, ys, 1), ys),
+                "restarts_x2": m.accuracy(_restarts_x2(m, base, xs, ys, plain_pgd_x), ys),
                 "n_examples": k}
+        result["worst_case"], robust = worst_case(members)
+        say(f"[evaluate] worst case over {len(members)} attacks and modes: "
+            f"{result['worst_case']['expected']:.4f}", flush=True)
         result["sanity"] = sanity_checks(result, n, stochastic, num_classes, k)
         result["sparsity"] = sparsity.report(model_kernels(model))
     finally:
         if restore_phase is not None:
             binary_relax.set_exact(model, restore_phase)
     result["time_s"] = round(time.time() - t0, 1)
+    if return_adversarial:
+        return result, {"x": x, "y": y, "x_adv": worst_x.x_adv, "robust": robust,
+                        "source": worst_x.source, "members": np.array(worst_x.names)}
     return result
 
 

@@ -27,8 +27,14 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
       eps sweep           expected accuracy non-increasing between consecutive eps
                           (sweep_n examples), and <= 1/num_classes + 0.1 at the
                           largest eps when that eps is > 0;
-      more effort         PGD-20 with 2x steps or 2x restarts <= PGD-20 (sweep_n).
-    Sections missing from `result` (eps_sweep, more_effort) are not checked.
+      more effort         PGD-20 with 2x steps or 2x restarts <= PGD-20 (sweep_n);
+      APGD <= PGD-20      expected accuracy of each apgd_* attack per mode, against
+                          PGD-20's same mode (else its plain run); two binomial
+                          standard errors even for a deterministic model (both
+                          attacks start at random);
+      worst case          worst_case <= every member's expected accuracy (exact:
+                          one set of per-example results, no tolerance).
+    Sections missing from `result` (eps_sweep, more_effort, worst_case) are not checked.
     """
     checks = []
 
@@ -74,4 +80,44 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
         for label in ("steps_x2", "restarts_x2"):
             check(f"more effort never raises accuracy (PGD-20 {label})", more[label]["expected"],
                   more["pgd20"]["expected"], sweep_n, "expected accuracy")
+    pgd = atk.get("pgd20") or {}
+    for name, r in atk.items():
+        if not name.startswith("apgd") or not (pgd.get("plain") or pgd.get("eot")):
+            continue
+        for mode in ("plain", "eot"):
+            if r.get(mode):
+                ref = mode if pgd.get(mode) else "plain"
+                lhs, rhs = r[mode]["expected"], pgd[ref]["expected"]
+                tol = tolerance(lhs, rhs, n, True)
+                checks.append({"check": f"APGD <= PGD-20 ({name} {mode} vs PGD-20 {ref})",
+                               "held": bool(lhs <= rhs + tol),
+                               "detail": f"expected accuracy: {lhs:.4f} <= {rhs:.4f} "
+                                         f"(+ tolerance {tol:.4f})"})
+    wc = result.get("worst_case")
+    if wc:
+        accs = {k: (nat["expected"] if k == "natural" else
+                    atk[k.split("/")[0]][k.split("/")[1]]["expected"]) for k in wc["members"]}
+        low = min(accs, key=accs.get)
+        checks.append({"check": "worst case <= every attack",
+                       "held": bool(wc["expected"] <= accs[low] + 1e-12),
+                       "detail": f"worst case {wc['expected']:.4f} <= {accs[low]:.4f} "
+                                 f"({low}, the lowest of {len(accs)} members)"})
     return checks
+
+
+def blackbox_check(label, blackbox_acc, whitebox_acc, n):
+    """Black-box >= white-box: a query attack (Square on the shipped file) should not
+    find more errors than the white-box worst case on the same n examples.
+
+    Held when blackbox_acc >= whitebox_acc - tolerance(both, n, stochastic=True)
+    (the file differs from the Keras model by int8 rounding and noise draws). A
+    black-box accuracy far below the white-box one means the gradients misled the
+    white-box attacks (gradient masking) or the file is less robust than the
+    Keras model; either way the white-box number overstates the file's robustness.
+    """
+    tol = tolerance(blackbox_acc, whitebox_acc, n, True)
+    return {"check": f"black-box >= white-box ({label})",
+            "held": bool(blackbox_acc >= whitebox_acc - tol),
+            "detail": f"Square on the file {blackbox_acc:.4f} >= white-box worst case "
+                      f"{whitebox_acc:.4f} (- tolerance {tol:.4f}) on {n} examples; below it "
+                      "means gradient masking or a file less robust than the Keras model"}

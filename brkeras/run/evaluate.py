@@ -2,18 +2,29 @@
 
 Reads the run's config and checkpoint, calls `robust.evaluation.evaluate_model`
 with the config's eval section, and writes its result (plus the work dir and
-the training state) as eval.json, with report.md and plots/*.png beside it.
+the training state) as eval.json, with report.md and plots/*.png beside it, and
+the worst-case adversarial examples as adversarial.npz (x, y, x_adv, robust,
+source, members, eps; plain arrays, read with np.load, no pickle).
+
+`brkeras evaluate_tflite --workdir=DIR` (after export): the shipped files
+(export.json's noise-off and noisy int8 files, as the summary picks them)
+under the transfer of those examples and Square Attack, through
+`deploy.robustness.evaluate_files`; tflite_eval.json.
 """
 
 import os
+import tempfile
 import time
 
 import numpy as np
 
 from brkeras import data
+from brkeras.errors import WorkdirError
 from brkeras.robust import evaluation
 from brkeras.run import config as config_lib
+from brkeras.run import lock
 from brkeras.run import report
+from brkeras.run import summary
 from brkeras.run import train as train_lib
 from brkeras.run import workdir as workdir_lib
 
@@ -23,11 +34,40 @@ ATTACKS = tuple(evaluation.ATTACKS)
 def check_eval_config(ev):
     """Raises ValueError naming the config.eval field that cannot be evaluated."""
     evaluation.check_arguments(ev.attacks, ev.eot_attacks, ev.eot_samples, ev.batch_size,
-                               ev.sweep_examples, ev.eps_sweep)
+                               ev.sweep_examples, ev.eps_sweep, tuple(ev.get("eot_only", ())),
+                               int(ev.get("predict_batch_size", ev.batch_size)), ev.to_dict())
     if int(ev.max_examples) < 0:
         raise ValueError(f"config.eval.max_examples={ev.max_examples}; give >= 1 (0 = all)")
 
 
+def write_npz(path, **arrays):
+    """np.savez_compressed of plain arrays to `path` atomically (temp file, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _append_worst_case(workdir, result):
+    """The worst-case section of report.md (report.py writes the rest)."""
+    wc = result["worst_case"]
+    only = ", ".join(f"{k} {v}" for k, v in wc["broken_only_by"].items() if v) or "none"
+    with open(os.path.join(workdir, workdir_lib.REPORT_MD), "a") as f:
+        f.write(f"\n## Worst case per example (the headline robust accuracy)\n\n"
+                f"**{report.pct(wc['expected'])}%** of {wc['n_examples']} examples are right "
+                f"(expected prediction) on the clean image and under every one of "
+                f"{len(wc['members']) - 1} L-inf attacks and modes: "
+                f"{', '.join(wc['members'][1:])}. Strongest single attack: {wc['strongest']}. "
+                f"Examples that only one member broke: {only}.\n")
+
+
+@lock.locked("evaluate")  # one writer per work dir
 def evaluate(workdir, overrides=None, verbose=1):
     """Evaluates the trained model of `workdir`; writes eval.json, report.md, plots."""
     t0 = time.time()
@@ -43,17 +83,22 @@ def evaluate(workdir, overrides=None, verbose=1):
         print(f"[evaluate] WARNING {workdir} holds an unfinished training "
               f"({state['completed_epochs']} epochs done); evaluating its last checkpoint",
               flush=True)
-    result = evaluation.evaluate_model(
+    result, adv = evaluation.evaluate_model(
         net, x, y, eps=float(config.adv.eps), attacks=tuple(ev.attacks),
         eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
         batch_size=int(ev.batch_size), eps_sweep=tuple(ev.eps_sweep),
         sweep_examples=int(ev.sweep_examples), num_classes=info.num_classes,
-        attack_params=ev.to_dict(), verbose=verbose)
+        attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
+        predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)),
+        return_adversarial=True, verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
     result["time_s"] = round(time.time() - t0, 1)
     report.write_eval_report(workdir, result, workdir_lib.read_metrics(workdir))
+    _append_worst_case(workdir, result)
+    write_npz(os.path.join(workdir, workdir_lib.ADVERSARIAL_NPZ), eps=np.float32(result["eps"]),
+              **adv)
     # eval.json last: the pipeline takes it as the mark of a finished evaluation.
     path = os.path.join(workdir, workdir_lib.EVAL_JSON)
     workdir_lib.write_json(path, result)
@@ -62,7 +107,67 @@ def evaluate(workdir, overrides=None, verbose=1):
         for c in failed:
             print(f"[evaluate] WARNING sanity check failed: {c['check']}: {c['detail']}",
                   flush=True)
-        print(f"[evaluate] {len(result['sanity']) - len(failed)}/{len(result['sanity'])} sanity "
+        print(f"[evaluate] worst case (headline) {result['worst_case']['expected']:.4f}; "
+              f"{len(result['sanity']) - len(failed)}/{len(result['sanity'])} sanity "
               f"checks held; wrote {path} and {workdir_lib.REPORT_MD} ({result['time_s']} s)",
               flush=True)
+    return result
+
+
+def shipped_files(export):
+    """export.json's records of the files that ship: noise-off int8, then noisy int8
+    (the summary's choice)."""
+    pick = summary._deploy_file  # pylint: disable=protected-access
+    return [f for f in (pick(export, False), pick(export, True)) if f is not None]
+
+
+@lock.locked("evaluate_tflite")  # one writer per work dir
+def evaluate_tflite(workdir, overrides=None, verbose=1):
+    """The shipped TFLite files of `workdir` under attack; writes tflite_eval.json.
+
+    Reads adversarial.npz (from `brkeras evaluate`) and export.json (from
+    `brkeras export`); config.eval's tflite_examples, square_* and eot_samples
+    (the draws of a noisy file's expected prediction) set the work.
+    """
+    t0 = time.time()
+    config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
+    ev = config.eval
+    npz = os.path.join(workdir, workdir_lib.ADVERSARIAL_NPZ)
+    ex_path = os.path.join(workdir, workdir_lib.EXPORT_JSON)
+    if not os.path.exists(npz):
+        raise WorkdirError(f"{npz} is missing; run `brkeras evaluate --workdir={workdir}` first "
+                           "(it saves the worst-case adversarial examples)")
+    if not os.path.exists(ex_path):
+        raise WorkdirError(f"{ex_path} is missing; run `brkeras export --workdir={workdir}` first")
+    export = workdir_lib.read_json(ex_path)
+    files = [dict(f, path=os.path.join(workdir, workdir_lib.EXPORT_DIR, f["file"]))
+             for f in shipped_files(export)]
+    if not files:
+        raise WorkdirError(f"{ex_path} lists no int8 file to attack; export one "
+                           "(config.export.formats with dynamic_int8 or full_int8)")
+    k = int(ev.get("tflite_examples", 0))
+    if k < 0:
+        raise ValueError(f"config.eval.tflite_examples={k}; give >= 1 (0 = all)")
+    with np.load(npz) as d:  # plain arrays only: allow_pickle stays False
+        x, y, x_adv, robust, eps = d["x"], d["y"], d["x_adv"], d["robust"], float(d["eps"])
+    k = k or len(x)
+    from brkeras.deploy import robustness  # pylint: disable=g-import-not-at-top
+
+    result = robustness.evaluate_files(
+        files, x[:k], y[:k], x_adv[:k], eps=eps, draws=int(ev.eot_samples),
+        square_examples=int(ev.get("square_examples", 200)),
+        square_queries=int(ev.get("square_queries", 500)),
+        square_p_init=float(ev.get("square_p_init", 0.05)),
+        square_eot_samples=int(ev.get("square_eot_samples", 1)), whitebox_robust=robust[:k],
+        seed=int(config.seed), verbose=verbose)
+    result["workdir"] = os.path.abspath(workdir)
+    result["time_s"] = round(time.time() - t0, 1)
+    path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
+    workdir_lib.write_json(path, result)
+    if verbose:
+        for c in result["sanity"]:
+            if not c["held"]:
+                print(f"[evaluate_tflite] WARNING sanity check failed: {c['check']}: "
+                      f"{c['detail']}", flush=True)
+        print(f"[evaluate_tflite] wrote {path} ({result['time_s']} s)", flush=True)
     return result

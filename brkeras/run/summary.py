@@ -43,7 +43,19 @@ COLUMNS = (
     ("PGD-20", "PGD-20 accuracy, plain attack, expected prediction (%)", _pct("pgd20")),
     ("PGD-20 EOT", "PGD-20 accuracy with EOT gradients, expected prediction (%)",
      _pct("pgd20_eot")),
+    ("worst case", "the headline robust accuracy: share of examples that no attack of the "
+                   "evaluation broke (every L-inf attack and mode run on all examples, EOT "
+                   "where it applies, expected prediction; %)", _pct("worst_case")),
+    ("APGD-CE / DLR", "APGD-CE and APGD-DLR accuracy (AutoAttack's rand version: EOT "
+                      "gradients on a noisy model), expected prediction (%)",
+     _pair("apgd_ce", "apgd_dlr", report.pct)),
     ("CW", "CW-L2 accuracy (reference settings), expected prediction (%)", _pct("cw")),
+    ("TFLite transfer", "the worst-case adversarial examples on the shipped files: noise-off "
+                        "int8 / noisy int8, expected prediction over the noise (%)",
+     _pair("transfer_det", "transfer_noisy", report.pct)),
+    ("Square TFLite", "Square Attack (L-inf, queries only) on those files through LiteRT, "
+                      "on the first square_examples examples (%)",
+     _pair("square_det", "square_noisy", report.pct)),
     ("zero weights", "share of zero weights in the quantized layers (%)", _pct("zero_share")),
     ("channel sparsity", "share of all-zero input-channel slices (reference definition, %)",
      _pct("channel_sparsity")),
@@ -86,6 +98,15 @@ ROW_KEYS = {
     "pgd20_eot": "PGD-20 accuracy, EOT attack, expected prediction",
     "cw": "CW-L2 accuracy, expected prediction",
     "cw_rescaled": "CW-L2 with the reference's eps rescaling, expected prediction",
+    "worst_case": "worst case per example over the evaluation's attacks, expected prediction "
+                  "(the headline)",
+    "apgd_ce": "APGD-CE accuracy, EOT attack (plain for a deterministic model), expected",
+    "apgd_dlr": "APGD-DLR accuracy, EOT attack (plain for a deterministic model), expected",
+    "transfer_det": "the worst-case x_adv on the noise-off int8 file (tflite_eval.json)",
+    "transfer_noisy": "the same on the noisy int8 file, expected prediction over draws",
+    "square_det": "Square Attack accuracy on the noise-off int8 file",
+    "square_noisy": "Square Attack accuracy on the noisy int8 file, expected prediction",
+    "square_examples": "examples Square Attack ran on",
     "zero_share": "share of zero weights over the quantized layers",
     "channel_sparsity": "share of all-zero input-channel slices",
     "filter_sparsity": "share of all-zero output channels",
@@ -162,12 +183,29 @@ def _latency(bench, name):
     return times[0] if times else None
 
 
+def _acc_eot(ev, attack):
+    """The EOT run's expected accuracy, else the plain run's (a deterministic model)."""
+    v = _acc(ev, attack, "eot")
+    return _acc(ev, attack) if v is None else v
+
+
+def _tflite(te, noise, key):
+    """A tflite_eval.json value of the shipped file with or without noise (None if absent)."""
+    hits = [f for f in ((te or {}).get("files") or {}).values() if f["noise"] == noise]
+    if not hits:
+        return None
+    if key == "square":
+        return (hits[0].get("square") or {}).get("accuracy")
+    return hits[0].get(key)
+
+
 def model_row(pipeline_dir, name):
     """The ROW_KEYS dict of the model work dir pipeline_dir/name."""
     wd = os.path.join(pipeline_dir, name)
     ev = _read(os.path.join(wd, workdir_lib.EVAL_JSON))
     ex = _read(os.path.join(wd, workdir_lib.EXPORT_JSON))
     be = _read(os.path.join(wd, workdir_lib.BENCH_JSON))
+    te = _read(os.path.join(wd, workdir_lib.TFLITE_EVAL_JSON))
     metrics = workdir_lib.read_metrics(wd)
     noisy, det = _deploy_file(ex, True), _deploy_file(ex, False)
     shipped = det or noisy
@@ -188,6 +226,15 @@ def model_row(pipeline_dir, name):
         "pgd20_eot": _acc(ev, "pgd20", "eot"),
         "cw": _acc(ev, "cw"),
         "cw_rescaled": _acc(ev, "cw_rescaled"),
+        "worst_case": (ev.get("worst_case") or {}).get("expected") if ev else None,
+        "apgd_ce": _acc_eot(ev, "apgd_ce"),
+        "apgd_dlr": _acc_eot(ev, "apgd_dlr"),
+        "transfer_det": _tflite(te, False, "transfer"),
+        "transfer_noisy": _tflite(te, True, "transfer"),
+        "square_det": _tflite(te, False, "square"),
+        "square_noisy": _tflite(te, True, "square"),
+        "square_examples": max([(f.get("square") or {}).get("n_examples", 0)
+                                for f in te["files"].values()], default=None) if te else None,
         "zero_share": sp.get("zero_share"),
         "channel_sparsity": sp.get("channel_sparsity"),
         "filter_sparsity": sp.get("filter_sparsity"),
