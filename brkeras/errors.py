@@ -9,6 +9,10 @@ class WorkdirError(BrkerasError):
     """A work dir that cannot be used as asked."""
 
 
+class DataError(BrkerasError):
+    """A data set that cannot be read or prepared."""
+
+
 class NonFiniteLossError(BrkerasError):
     """The training loss became NaN or Inf."""
 

@@ -239,7 +239,8 @@ def test_stage_done_needs_a_newer_output(tmp_path):
     os.utime(os.path.join(wd, "export.json"), (t + 10, t + 10))
     os.utime(os.path.join(wd, "bench.json"), (t + 5, t + 5))
     done = {s: pipeline._stage_done(wd, s) for s in pipeline.STAGES}  # pylint: disable=protected-access
-    assert done == {"train": True, "evaluate": False, "export": True, "benchmark": False}
+    assert done == {"train": True, "evaluate": False, "export": True, "benchmark": False,
+                    "evaluate_tflite": False}
 
 
 def test_model_row_of_an_empty_dir(tmp_path):

@@ -14,7 +14,14 @@ Where the data comes from, in this order:
 3. Otherwise the normal tfds download; if that fails the error says how to get
    the data.
 4. `.npz` files (keys x_train, y_train, x_test, y_test; x uint8 NHWC, y integer
-   labels >= 0) are read with `np.load` without pickle and validated.
+   labels 0..K-1; optional class_names) are read with `np.load` without pickle
+   and validated.
+
+Validation across splits: every split's images have the same shape and
+channels, and its labels are integers in [0, num_classes), num_classes being the
+data set's (tfds) or, for an .npz, len(class_names) if given, else the number of
+distinct labels over all splits (so train labels 50-59 with test labels 0-9 are
+an error, not 60 classes).
 """
 
 import collections
@@ -26,6 +33,7 @@ import zipfile
 import numpy as np
 
 from brkeras.data import fashion_mnist_offline as fmnist
+from brkeras.errors import DataError
 from brkeras.data.fashion_mnist_offline import _builder, _tfds
 
 
@@ -81,17 +89,17 @@ def _check_split(split):
 def info(name):
     """DatasetInfo(name, image_shape, num_classes, augment) for a KNOWN name or an .npz.
 
-    For an .npz, image_shape comes from x_train, num_classes is
-    max(max label + 1, len(class_names) if present), and augment is False (pass
+    For an .npz, image_shape comes from x_train, num_classes is len(class_names)
+    if present, else the number of distinct labels over both splits (the labels
+    are checked to be 0..num_classes-1), and augment is False (pass
     `augment=True` to `load` for CIFAR-like files).
     """
     _check_name(name)
     if name in KNOWN:
         return KNOWN[name]
     arrays = _npz_arrays(name)
-    n = int(max(arrays["y_train"].max(initial=-1), arrays["y_test"].max(initial=-1))) + 1
-    n = max(n, arrays.get("num_names", 0))
-    return DatasetInfo(str(name), tuple(int(d) for d in arrays["x_train"].shape[1:]), n, False)
+    return DatasetInfo(str(name), tuple(int(d) for d in arrays["x_train"].shape[1:]),
+                       arrays["num_classes"], False)
 
 
 _CACHE = collections.OrderedDict()
@@ -129,7 +137,7 @@ def _readonly(a):
 
 
 def _validate_npz(path, d):
-    """Checks keys, dtypes and shapes; returns the four arrays (+ num_names)."""
+    """Checks keys, dtypes, shapes and labels; returns the four arrays + num_classes."""
     missing = [k for k in NPZ_KEYS if k not in d]
     if missing:
         raise ValueError(
@@ -167,11 +175,36 @@ def _validate_npz(path, d):
     if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
         raise ValueError(
             f"{path}: x_train images {out['x_train'].shape[1:]} and x_test images "
-            f"{out['x_test'].shape[1:]} differ in shape."
+            f"{out['x_test'].shape[1:]} differ in shape; every split needs the same "
+            "(height, width, channels)."
         )
+    labels = np.union1d(out["y_train"], out["y_test"])
     if "class_names" in d:
-        out["num_names"] = int(np.asarray(d["class_names"]).shape[0])
+        n = int(np.asarray(d["class_names"]).shape[0])
+        source = f"len(class_names) = {n}"
+    else:
+        n = int(len(labels))
+        source = f"the {n} distinct labels of y_train and y_test"
+    for split in SPLITS:
+        _check_labels(f"{path}: y_{split}", out[f"y_{split}"], n, source,
+                      "relabel to 0..K-1, e.g. np.unique(np.concatenate([y_train, y_test]), "
+                      "return_inverse=True), or add class_names (one per class)")
+    out["num_classes"] = n
     return out
+
+
+def _check_labels(what, y, num_classes, source, fix):
+    """Raises ValueError unless every label is in [0, num_classes)."""
+    if not len(y):
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        bad = np.unique(y[(y < 0) | (y >= num_classes)])
+        shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"{what} has labels outside [0, {num_classes}) ({shown}; min {lo}, max {hi}); "
+            f"num_classes = {num_classes} from {source}. Labels must be 0..{num_classes - 1}: "
+            f"{fix}.")
 
 
 def _npz_arrays(path):
@@ -211,7 +244,7 @@ def _ensure_prepared(name, data_dir):
                "Give tensorflow-datasets internet access (it downloads the data once "
                "into data_dir), or pass the path of an .npz file with x_train/y_train/"
                "x_test/y_test (uint8 NHWC images, integer labels) instead.")
-        raise RuntimeError(
+        raise DataError(
             f"Could not download and prepare tfds data set {name!r} into "
             f"{os.fspath(builder.data_dir)}: {type(e).__name__}: {e}. {how}") from e
     return builder
@@ -230,13 +263,17 @@ def _tfds_arrays(name, split, max_examples, data_dir):
             xs.append(xb)
             ys.append(yb)
         if not xs:
-            raise RuntimeError(f"{name} {sl}: the prepared data set is empty")
+            raise DataError(f"{name} {sl}: the prepared data set is empty")
         x, y = np.concatenate(xs), np.concatenate(ys)
         if max_examples:
             x, y = x[:max_examples], y[:max_examples]
         shape = KNOWN[name].image_shape
         if x.shape[1:] != shape:
-            raise RuntimeError(f"{name}: images have shape {x.shape[1:]}, expected {shape}")
+            raise DataError(f"{name}: images have shape {x.shape[1:]}, expected {shape}")
+        n = KNOWN[name].num_classes
+        _check_labels(f"{name} {sl}", y, n, f"the data set's info ({name} has {n} classes)",
+                      f"the prepared copy in {os.fspath(builder.data_dir)} is not {name}; "
+                      "delete it and prepare it again")
         return _readonly(np.asarray(x, np.uint8)), _readonly(np.asarray(y, np.int32))
 
     return _cached(("tfds", name, split, int(max_examples), data_dir or ""), make)

@@ -4,9 +4,11 @@ import os
 
 from brkeras.deploy.latency import benchmark_files, host_info
 from brkeras.run import config as config_lib
+from brkeras.run import lock
 from brkeras.run import workdir as workdir_lib
 
 
+@lock.locked("benchmark")  # one writer per work dir (bench.json)
 def benchmark(workdir, threads=None, runs=None, warmup=20, use_tool=False, overrides=None):
     """Benchmarks workdir/export/*.tflite and writes workdir/bench.json; returns it.
 

@@ -9,6 +9,7 @@ import numpy as np
 from brkeras import data
 from brkeras.deploy.export import export_tflite
 from brkeras.run import config as config_lib
+from brkeras.run import lock
 from brkeras.run import train as train_lib
 from brkeras.run import workdir as workdir_lib
 
@@ -25,6 +26,7 @@ def _install(tmp, workdir):
     os.replace(os.path.join(tmp, workdir_lib.EXPORT_JSON), os.path.join(workdir, workdir_lib.EXPORT_JSON))
 
 
+@lock.locked("export")  # one writer per work dir
 def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=None,
            min_agreement=None, noise_runs=3, noise_examples=200, overrides=None):
     """Exports the trained model of `workdir` to workdir/export/*.tflite and export.json.

@@ -12,12 +12,15 @@ At the end `summary.json` and `summary.md` compare the models side by side.
 
 import copy
 import importlib
+import inspect
 import os
 import time
 import traceback
 
 from brkeras.run import config as config_lib
 from brkeras import errors
+from brkeras.run import console
+from brkeras.run import lock
 from brkeras.run import workdir as workdir_lib
 
 # The one stage table (the CLI's commands too): stage -> (module, function, the
@@ -27,6 +30,9 @@ STAGES = {
     "evaluate": ("brkeras.run.evaluate", "evaluate", workdir_lib.EVAL_JSON, "train"),
     "export": ("brkeras.run.export", "export", workdir_lib.EXPORT_JSON, "train"),
     "benchmark": ("brkeras.run.benchmark", "benchmark", workdir_lib.BENCH_JSON, "export"),
+    # attacks on the exported files; also reads the evaluate stage's ADVERSARIAL_NPZ
+    "evaluate_tflite": ("brkeras.run.evaluate", "evaluate_tflite", workdir_lib.TFLITE_EVAL_JSON,
+                        "export"),
 }
 
 
@@ -107,14 +113,18 @@ def _check(config, pipeline_dir=None):
     return [(a, model_config(config, a, pipeline_dir), n) for a, n in zip(args, names)]
 
 
-def run(config, pipeline_dir, overwrite=False):
+@lock.locked("pipeline", dir_arg="pipeline_dir")  # and each stage locks its model dir
+def run(config, pipeline_dir, overwrite=False, verbose=None):
     """Runs the pipeline; returns the summary rows.
 
     overwrite: train every model again from scratch and redo every stage.
+    verbose: of the stages that take it (train, evaluate); None = progress bars
+    on a terminal, one line per epoch or attack off one (console.progress_verbose).
     Raises errors.BrkerasError after writing the summary if any stage failed.
     """
     models = _check(config, pipeline_dir)
     os.makedirs(pipeline_dir, exist_ok=True)
+    verbose = console.progress_verbose() if verbose is None else verbose
     t_start = time.time()
     failures = []
     for i, (arg, c, name) in enumerate(models, 1):
@@ -132,13 +142,17 @@ def run(config, pipeline_dir, overwrite=False):
             print(f"{label} ...", flush=True)
             t0 = time.time()
             try:
+                fn = stage_function(stage)
+                more = {"verbose": verbose} if "verbose" in inspect.signature(fn).parameters \
+                    else {}
                 if stage == "train":
-                    stage_function(stage)(c, workdir, overwrite=overwrite)
+                    fn(c, workdir, overwrite=overwrite, **more)
                 else:
-                    stage_function(stage)(workdir, overrides=c)
+                    fn(workdir, overrides=c, **more)
             except Exception as e:  # pylint: disable=broad-except
                 # the other models still run; the failure is raised at the end
-                traceback.print_exc()
+                if console.debug():  # --debug or --verbosity=1
+                    traceback.print_exc()
                 print(f"{label}: FAILED ({type(e).__name__}: {e}); skipping the rest of "
                       f"{arg}", flush=True)
                 failures.append((arg, stage, e))

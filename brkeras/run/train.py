@@ -5,8 +5,18 @@ optimizer, Binary-Relax lam and phase, epoch), resumes an interrupted work dir
 from its last completed epoch, and stops on a NaN or Inf loss keeping the last
 good checkpoint. `load(workdir)` rebuilds the network from config.json and
 restores its weights.
+
+Reliability: the work dir's lock (run/lock.py) is held throughout; at an epoch
+end the checkpoint is written first, then metrics.jsonl and state.json, with
+Ctrl-C held off until all three are done; a failed write (full disk,
+permissions) removes that epoch's files and stops with a WorkdirError. Every
+epoch draws its data order and its random ops (noise, PGD starts) from
+(config.seed, epoch) alone, so a resumed run computes what an uninterrupted one
+does.
 """
 
+import contextlib
+import glob
 import os
 import shutil
 import time
@@ -15,15 +25,19 @@ import numpy as np
 from absl import logging
 
 from brkeras import data
+from brkeras import errors
 from brkeras.errors import NonFiniteLossError
 from brkeras.nn import models
 from brkeras.quant import binary_relax, group_sparsity, schedule as schedule_lib
 from brkeras.robust import losses
 from brkeras.run import config as config_lib
+from brkeras.run import console
+from brkeras.run import lock as lock_lib
 from brkeras.run import workdir as workdir_lib
 from brkeras.train import batchnorm
 from brkeras.train.adversarial_model import AdversarialModel
 from brkeras.train import distribute
+from brkeras.train import precision
 from brkeras._keras import keras, tf
 
 
@@ -105,14 +119,17 @@ def group_sparsity_for(c, steps_per_epoch):
         sp.strength, start_fraction=sp.start_fraction, warmup_epochs=sp.warmup_epochs,
         target_share=sp.target_share, penalty=sp.penalty, tl1_a=sp.tl1_a,
         include_conv1=sp.include_conv1, include_bn2=sp.include_bn2,
-        total_epochs=c.optim.epochs, steps_per_epoch=steps_per_epoch)
+        total_epochs=c.optim.epochs, steps_per_epoch=steps_per_epoch,
+        cost_power=sp.get("cost_power", 0.0))
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Checks the loss every batch and, at each epoch end, logs, checkpoints, records state.
+    """Checks the loss every batch and, at each epoch end, checkpoints, logs, records state.
 
-    Order at an epoch end: metrics line, checkpoint, state.json. A resume trusts
-    the checkpoint's epoch counter and drops any metrics line past it.
+    Order at an epoch end: checkpoint, metrics line, state.json (`_save_epoch`),
+    so every logged epoch has its checkpoint. A resume trusts the checkpoint's
+    epoch counter and drops any metrics line past it; a checkpoint past the
+    metrics (a kill between the two) is trained again (`_logged_checkpoint`).
     """
 
     def __init__(self, workdir, manager, epoch_var, net, write=True):
@@ -147,12 +164,97 @@ class EpochLogger(keras.callbacks.Callback):
                   **{k: float(v) for k, v in logs.items()}}
         if lam is not None:
             record.update(br_lam=lam, br_exact=bool(exact))
-        self.epoch_var.assign(epoch + 1)
-        if self.write:
-            workdir_lib.append_metrics(self.workdir, record)
-        self.manager.save(checkpoint_number=epoch + 1)
-        if self.write:
-            workdir_lib.write_state(self.workdir, epoch + 1, finished=False)
+        with console.sigint_deferred():  # Ctrl-C: after the epoch is fully recorded
+            self.epoch_var.assign(epoch + 1)
+            _save_epoch(self.manager, epoch + 1, self.workdir if self.write else None, record)
+
+
+def _drop_checkpoint(directory, number):
+    """Removes checkpoint `number` of `directory` with tf's temp files of it, and points
+    the checkpoint state back at the newest remaining one."""
+    prefix = os.path.join(directory, f"ckpt-{number}")
+
+    def remove_temp_files():
+        for path in glob.glob(glob.escape(prefix) + "_temp*") + glob.glob(
+                os.path.join(glob.escape(directory), "checkpoint.tmp*")):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+    remove_temp_files()
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.remove(path)
+    state = tf.train.get_checkpoint_state(directory)
+    listed = [] if state is None else list(state.all_model_checkpoint_paths)
+    if os.path.basename(prefix) not in {os.path.basename(p) for p in listed}:
+        return  # the save failed before recording it: the state is right as it is
+    keep = [p for p in listed if os.path.basename(p) != os.path.basename(prefix)
+            and os.path.exists(os.path.join(directory, os.path.basename(p)) + ".index")]
+    try:
+        if keep:
+            tf.compat.v1.train.update_checkpoint_state(directory, keep[-1], keep)
+        else:
+            os.remove(os.path.join(directory, "checkpoint"))
+    finally:
+        remove_temp_files()  # tf's temp file of a state write that failed too
+
+
+def _save_epoch(manager, number, workdir=None, record=None):
+    """Saves checkpoint `number`, then (chief: `workdir` given) logs `record` and the state.
+
+    A failed write removes this epoch's checkpoint (and, in workdir, its metrics
+    line and state) so that checkpoints and metrics still agree, and raises a
+    WorkdirError that says what to free or fix; a later `train` resumes after
+    epoch number - 1.
+    """
+    try:
+        manager.save(checkpoint_number=number)
+        if workdir is not None and record is not None:
+            workdir_lib.record_epoch(workdir, record)
+    except (tf.errors.OpError, OSError) as e:
+        cleanup_failed = None
+        try:
+            _drop_checkpoint(manager.directory, number)
+            # Only what this epoch changed: on a full disk every write may fail.
+            if workdir is not None:
+                if any(r.get("epoch", 0) >= number for r in workdir_lib.read_metrics(workdir)):
+                    workdir_lib.truncate_metrics(workdir, number - 1)
+                if workdir_lib.read_state(workdir)["completed_epochs"] >= number:
+                    workdir_lib.write_state(workdir, number - 1, finished=False)
+        except (tf.errors.OpError, OSError) as cleanup_error:
+            cleanup_failed = cleanup_error
+        reason = console.write_failure(e) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        where = workdir or os.path.dirname(manager.directory)
+        kept = (f"training resumes after epoch {number - 1}, whose checkpoint is kept"
+                if number > 1 else "training starts again at epoch 1")
+        also = (f" (cleaning up failed too: {cleanup_failed}; remove {manager.directory}/"
+                f"ckpt-{number}* by hand)" if cleanup_failed else "")
+        raise workdir_lib.WorkdirError(
+            f"could not save epoch {number} in {where}: {reason}{also}. "
+            f"{console.how_to_fix(console.write_failure(e), where)}: {kept}.") from e
+
+
+def _logged_checkpoint(workdir, latest):
+    """The checkpoint to resume from: `latest`, unless a kill fell between its save and
+    its metrics line; then the one of the last logged epoch (None: from scratch)."""
+    number = int(latest.rsplit("-", 1)[1])
+    logged = max((int(r.get("epoch", 0)) for r in workdir_lib.read_metrics(workdir)), default=0)
+    if logged >= number:
+        return latest
+    if logged == 0:
+        return None
+    prior = f"{latest.rsplit('-', 1)[0]}-{logged}"
+    return prior if os.path.exists(prior + ".index") else latest
+
+
+def epoch_seed(seed, epoch):
+    """The seed of epoch `epoch` (0-based) of a run seeded `seed`: data order and random ops."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0] >> 1)
+
+
+class _OneEpoch(keras.callbacks.Callback):
+    """Ends `fit` after one epoch: `train` calls fit once per epoch, with that epoch's seed."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
 
 
 def train_dataset(config, seed=None, repeat=None):
@@ -204,22 +306,42 @@ def _checkpoint(net, optimizer, epoch_var):
     return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var)
 
 
-def train(config, workdir, overwrite=False, verbose=1):
-    """Trains `config` into `workdir`; resumes an unfinished run there. Returns the history rows."""
+def train(config, workdir, overwrite=False, verbose=None):
+    """Trains `config` into `workdir`; resumes an unfinished run there. Returns the history rows.
+
+    verbose: Keras' fit verbosity; None = bars on a terminal, else one line per
+    epoch (console.progress_verbose). Holds the lock of the dir this process
+    writes (the chief: workdir; another worker: its scratch dir) throughout.
+    """
     config_lib.validate(config)
+    if verbose is None:
+        verbose = console.progress_verbose()
     # First: MultiWorkerMirroredStrategy must exist before any other TF op runs.
     strategy = distribute.make_strategy(config.strategy)
     chief = distribute.is_chief()
     write_dir = workdir if chief else distribute.worker_scratch_dir(workdir)
-    error, mode = None, "worker"
-    try:
-        if chief:
-            mode = workdir_lib.prepare_for_training(workdir, config, overwrite=overwrite)
-        elif overwrite and os.path.isdir(write_dir):
-            shutil.rmtree(write_dir)
-    except (workdir_lib.WorkdirError, OSError) as e:
-        error = e
-    distribute._check_workers_ready(strategy, error)
+    with contextlib.ExitStack() as held:
+        error, mode = None, "worker"
+        try:
+            held.enter_context(lock_lib.hold(write_dir, "train"))
+            # The data is checked before anything is written.
+            data.info(config.data.name)
+            data.load_arrays(config.data.name, "train", config.data.max_train_examples,
+                             config.data.data_dir)
+            if chief:
+                mode = workdir_lib.prepare_for_training(workdir, config, overwrite=overwrite)
+            elif overwrite and os.path.isdir(write_dir):
+                for name in set(os.listdir(write_dir)) - {workdir_lib.LOCK}:
+                    path = os.path.join(write_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        except (errors.BrkerasError, OSError, ValueError) as e:
+            error = e
+        distribute._check_workers_ready(strategy, error)
+        return _train(config, workdir, write_dir, chief, mode, strategy, verbose)
+
+
+def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
+    """The body of `train`, in a prepared, locked work dir."""
     keras.utils.set_random_seed(config.seed)
 
     info = data.info(config.data.name)
@@ -227,15 +349,18 @@ def train(config, workdir, overwrite=False, verbose=1):
     # without one reads the chief's if it can see it (a shared work dir).
     latest = tf.train.latest_checkpoint(os.path.join(write_dir, workdir_lib.CKPT)) or (
         None if chief else tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT)))
+    if chief and latest:
+        latest = _logged_checkpoint(workdir, latest)
     # A resumed run restores every weight from its checkpoint: skip the source run.
     init_weights = None if latest else initial_weights(config)
-    train_ds = train_dataset(config)
     n_train = len(data.load_arrays(config.data.name, "train", config.data.max_train_examples,
                                    config.data.data_dir)[1])
     steps = int(config.optim.steps_per_epoch) or int(np.ceil(n_train / config.optim.batch_size))
 
     with strategy.scope():
-        net = build_network(config, info.image_shape, info.num_classes, init_weights)
+        with precision.policy_scope(precision.for_precision(  # bf16 layers, float32 variables
+                config.optim.get("dtype_policy", "float32"), config.quant.precision)):
+            net = build_network(config, info.image_shape, info.num_classes, init_weights)
         optimizer = make_optimizer(config, steps)
         trainer = AdversarialModel(
             net, losses.get(config.loss.name, config.loss.a, config.loss.beta),
@@ -252,7 +377,7 @@ def train(config, workdir, overwrite=False, verbose=1):
     if latest:
         ckpt.restore(latest)
     initial_epoch = distribute._agree_on_epoch(strategy, manager, ckpt, epoch_var)
-    if chief:  # drop metric lines past the checkpoint (a kill between the two)
+    if chief:  # drop metric lines past the checkpoint (work dirs of older versions logged first)
         workdir_lib.truncate_metrics(workdir, initial_epoch)
     if initial_epoch:
         logging.info("resuming %s from epoch %d", workdir, initial_epoch)
@@ -267,19 +392,29 @@ def train(config, workdir, overwrite=False, verbose=1):
         callbacks.insert(0, group_sparsity_for(config, steps))
     if binary_relax.br_quantizers(net):
         callbacks.insert(0, schedule_for(config, steps))
-    if chief:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, workdir_lib.TB),
-                                                     write_graph=False, profile_batch=0))
-    if initial_epoch < config.optim.epochs:
-        trainer.fit(train_ds, epochs=config.optim.epochs, initial_epoch=initial_epoch,
+    for epoch in range(initial_epoch, config.optim.epochs):
+        # Everything random in this epoch follows from (config.seed, epoch): the
+        # data order, and the random ops of a freshly traced train step (a retrace
+        # per epoch; a cached trace would continue its random streams, which a
+        # resumed process cannot).
+        seed = epoch_seed(config.seed, epoch)
+        tf.random.set_seed(seed)
+        trainer.make_train_function(force=True)
+        # A new TensorBoard each fit: fit's end closes its writers.
+        tb = [keras.callbacks.TensorBoard(os.path.join(workdir, workdir_lib.TB),
+                                          write_graph=False, profile_batch=0)] if chief else []
+        trainer.fit(train_dataset(config, seed=seed), epochs=config.optim.epochs,
+                    initial_epoch=epoch,
                     steps_per_epoch=steps if config.optim.steps_per_epoch else None,
-                    callbacks=callbacks, verbose=verbose)
+                    callbacks=callbacks + tb + [_OneEpoch()], verbose=verbose)
     n_bn = int(config.optim.get("bn_reestimate_batches", 0))
     if n_bn:
         # Computed from the final weights alone: a kill before state.json says
-        # finished just redoes it on resume.
+        # finished just redoes it on resume, with the same seed.
+        tf.random.set_seed(epoch_seed(config.seed, config.optim.epochs))
         report = reestimate_batchnorm(trainer, config, n_bn)
-        manager.save(checkpoint_number=config.optim.epochs)
+        with console.sigint_deferred():
+            _save_epoch(manager, config.optim.epochs, workdir if chief else None)
         if chief:
             workdir_lib.write_json(os.path.join(workdir, BN_REPORT), report)
         if verbose:
@@ -298,7 +433,8 @@ def load(workdir):
     """The trained network of `workdir` with its exact quantized weights Q(w), noise on."""
     config = workdir_lib.load_config(workdir)
     info = data.info(config.data.name)
-    net = build_network(config, info.image_shape, info.num_classes)
+    with precision.policy_scope("float32"):  # whatever policy trained it (precision.py)
+        net = build_network(config, info.image_shape, info.num_classes)
     latest = tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT))
     if latest is None:
         raise workdir_lib.WorkdirError(

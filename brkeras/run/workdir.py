@@ -24,6 +24,8 @@ TB = "tb"
 BATCHNORM = "batchnorm.json"  # the BatchNorm re-estimation report
 # Later stages' outputs; every stage reads and writes them by these names.
 EVAL_JSON = "eval.json"
+ADVERSARIAL_NPZ = "adversarial.npz"  # the evaluation's worst-case x_adv, for evaluate_tflite
+TFLITE_EVAL_JSON = "tflite_eval.json"  # attacks on the exported files
 REPORT_MD = "report.md"
 PLOTS = "plots"
 EXPORT_DIR = "export"
@@ -31,6 +33,8 @@ EXPORT_JSON = "export.json"
 BENCH_JSON = "bench.json"
 SUMMARY_JSON = "summary.json"  # in a pipeline dir
 SUMMARY_MD = "summary.md"
+# The write lock (run/lock.py), there while a stage writes the dir; no stage output.
+LOCK = ".lock"
 TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB, BATCHNORM)
 # Config sections that later stages may change without training again.
 STAGE_SECTIONS = ("eval", "export", "bench", "pipeline")
@@ -119,6 +123,28 @@ def read_metrics(workdir):
                 except json.JSONDecodeError:
                     break  # a line cut by a kill: ignore it and everything after
     return rows
+
+
+def record_epoch(workdir, record):
+    """Logs the epoch `record["epoch"]` after its checkpoint is saved: metrics.jsonl
+    (rows of earlier epochs + record), then state.json, each replaced atomically
+    and synced, so a full disk or a kill leaves either file old or new, never cut."""
+    epoch = int(record["epoch"])
+    rows = [r for r in read_metrics(workdir) if r.get("epoch", 0) < epoch] + [record]
+    path = os.path.join(workdir, METRICS)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in rows:
+                f.write(json.dumps(_jsonable(r), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    write_state(workdir, epoch, finished=False)
 
 
 def truncate_metrics(workdir, completed_epochs):
