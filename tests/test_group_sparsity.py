@@ -355,3 +355,53 @@ def test_mirrored_strategy_two_logical_cpus():
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
     _, replicas, share, logged = line.split()
     assert int(replicas) == 2 and float(share) == 0.5 and float(logged) == 0.5
+
+
+# ---- MAC-weighted thresholds (cost_power) ----------------------------------------
+
+
+def test_channel_macs_is_what_pruning_a_channel_saves():
+    model = small_resnet(width=4, blocks=2, hw=8)
+    groups = gs.block_groups(model)
+    assert [g.channel_macs() for g in groups] == [2 * 8 * 8 * 9 * 4] * 2  # conv1 filter + conv2 slice
+    prune = prune_module()
+    k = groups[0].kernel2.numpy()
+    k[:, :, 1, :] = 0.0
+    groups[0].kernel2.assign(k)
+    _, report = prune.prune_blocks(model)
+    assert report["removed_channels"] == 1
+    assert report["before"]["macs"] - report["after"]["macs"] == groups[0].channel_macs()
+
+
+class _FakeGroup:
+    def __init__(self, channels, macs):
+        self.channels, self._macs = channels, macs
+
+    def channel_macs(self):
+        return self._macs
+
+
+def test_cost_weights_normalise_by_the_mean_channel():
+    groups = [_FakeGroup(2, 300.0), _FakeGroup(4, 75.0)]
+    m = np.array([300.0] * 2 + [75.0] * 4)
+    np.testing.assert_allclose(gs.cost_weights(groups, 1.0), m / m.mean(), rtol=1e-6)
+    np.testing.assert_allclose(gs.cost_weights(groups, 0.5), np.sqrt(m / m.mean()), rtol=1e-6)
+    np.testing.assert_array_equal(gs.cost_weights(groups, 0.0), np.ones(6))
+    with pytest.raises(ValueError, match="cost_power"):
+        gs.GroupSparsity(1.0, cost_power=-1.0)
+
+
+def test_cost_weighted_step_scales_each_threshold(monkeypatch):
+    model = compiled(small_resnet(width=4, blocks=2, hw=8))
+    x, y = data()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # builds the optimizer
+    groups = gs.block_groups(model)
+    before = [g.kernel2.numpy() for g in groups]
+    weights = np.array([2.0] * 4 + [0.5] * 4, np.float32)
+    monkeypatch.setattr(gs, "cost_weights", lambda gr, p: weights)
+    cb = gs.GroupSparsity(3.0, cost_power=1.0)
+    cb.set_model(model)
+    cb._build()
+    t = float(cb._fn(tf.constant(3.0)))
+    for g, w0, wt in zip(groups, before, (2.0, 0.5)):
+        np.testing.assert_allclose(g.kernel2.numpy(), np_soft(w0, t * wt, 2), rtol=1e-5, atol=1e-7)

@@ -54,7 +54,7 @@ from brkeras._keras import keras, tf
 
 __all__ = [
         "group_norms", "group_soft_threshold", "tl1_threshold", "group_tl1_shrink",
-        "joint_group_shrink", "BlockGroup", "block_groups", "zero_group_share",
+        "joint_group_shrink", "BlockGroup", "block_groups", "zero_group_share", "cost_weights",
         "GroupSparsity", "PENALTIES",
 ]
 
@@ -306,6 +306,16 @@ class BlockGroup:
     def conv1_name(self):
         return _inner(self.conv1).name
 
+    def channel_macs(self):
+        """Multiply-accumulates per example that channel c costs, and `prune_blocks` saves:
+        conv1's filter c (H1 W1 kh kw C_in) plus conv2's input slice c (H2 W2 kh kw C_out)."""
+        total = 0
+        for layer, kernel, in_axis in ((self.conv1, self.kernel1, 2), (self.conv2, self.kernel2, 3)):
+            h, w = (int(d) for d in layer.output.shape[1:3])
+            kh, kw, _, _ = (int(d) for d in kernel.shape)
+            total += h * w * kh * kw * int(kernel.shape[in_axis])
+        return total
+
     def members(self, include_conv1=False, include_bn2=False):
         """[(variable, axis)] of group c: conv2 input slice c, optionally conv1 filter c
         (and bias c), bn2 gamma_c and beta_c."""
@@ -393,6 +403,16 @@ def zero_group_share(model, groups=None):
                 groups=int(total), layers=layers)
 
 
+def cost_weights(groups, power):
+    """Per channel of `groups` (concatenated in order), (m / mean m)^power with m the
+    channel's `channel_macs`; all ones for power 0."""
+    sizes = [g.channels for g in groups]
+    if power == 0:
+        return np.ones(sum(sizes), np.float32)
+    m = np.repeat([float(g.channel_macs()) for g in groups], sizes)
+    return ((m / m.mean()) ** float(power)).astype(np.float32)
+
+
 # ---- Training callback ----------------------------------------------------------
 
 
@@ -431,6 +451,12 @@ class GroupSparsity(keras.callbacks.Callback):
     joined with conv1's filter c (`include_conv1`) and bn2's gamma_c, beta_c
     (`include_bn2`) into one norm.
 
+    cost_power p (0 = off): group c of chain b gets the threshold t * w_b with
+    w_b = (m_b / mean_c m)^p, m_b = `BlockGroup.channel_macs` (the MACs its removal
+    saves, mean over all channels), so a channel that costs more is shrunk harder:
+    p = 1 is MorphNet's FLOP regulariser (Gordon et al., CVPR 2018) on the group
+    norm. The target below then picks the K smallest ||w_g|| / w_b.
+
     lam_k = 0 before `start_epoch`, then strength * min(1, (e - start_epoch +
     (batch + 1) / steps_per_epoch) / warmup_epochs) (warmup_epochs = 0: strength at
     once): a pure function of (epoch, batch), like BinaryRelaxSchedule, so resuming
@@ -461,6 +487,8 @@ class GroupSparsity(keras.callbacks.Callback):
         tl1_a: a > 0 of rho_a (small: close to l0; large: close to l1).
         include_conv1: join conv1's filter c (and bias c) into group c.
         include_bn2: join bn2's gamma_c and beta_c into group c.
+        cost_power: weight the threshold of each group by its MAC cost to this power
+            (0 = every channel alike; 1 = MorphNet's FLOP weighting).
         total_epochs: the run's epochs, to resolve start_fraction and check the schedule.
         steps_per_epoch: for the ramp within an epoch; 0 = Keras' params["steps"]
             (when unknown, lam ramps once per epoch).
@@ -468,8 +496,11 @@ class GroupSparsity(keras.callbacks.Callback):
 
     def __init__(self, strength, start_epoch=0, start_fraction=None, warmup_epochs=0,
                  target_share=0.0, penalty="group_l1", tl1_a=1.0, include_conv1=False,
-                 include_bn2=False, total_epochs=None, steps_per_epoch=0):
+                 include_bn2=False, total_epochs=None, steps_per_epoch=0, cost_power=0.0):
         super().__init__()
+        if not (_is_real(cost_power) and cost_power >= 0):
+            raise ValueError(f"GroupSparsity(cost_power={cost_power!r}): give an exponent >= 0 "
+                             "(0 = no cost weighting, 1 = threshold proportional to MACs)")
         if not (_is_real(strength) and strength >= 0):
             raise ValueError(f"GroupSparsity(strength={strength!r}): give the penalty weight lam "
                              "as a finite float >= 0 (0 disables the shrinkage)")
@@ -513,6 +544,7 @@ class GroupSparsity(keras.callbacks.Callback):
         self.tl1_a = float(tl1_a)
         self.include_conv1 = bool(include_conv1)
         self.include_bn2 = bool(include_bn2)
+        self.cost_power = float(cost_power)
         self.total_epochs = None if total_epochs is None else int(total_epochs)
         self.steps_per_epoch = int(steps_per_epoch)
         self._epoch = 0
@@ -569,6 +601,7 @@ class GroupSparsity(keras.callbacks.Callback):
         k = min(total, max(1, math.ceil(self.target_share * total - 1e-9))) \
             if self.target_share > 0 else 0
         kind, a = self.penalty, self.tl1_a
+        weights = tf.constant(cost_weights(groups, self.cost_power), tf.float32)
 
         @tf.function
         def step(lam):
@@ -576,10 +609,11 @@ class GroupSparsity(keras.callbacks.Callback):
             values = [[(tf.convert_to_tensor(v), ax) for v, ax in ms] for ms in members]
             sq = [tf.add_n([_group_sq_norms(x, ax) for x, ax in vs]) for vs in values]
             norms = tf.sqrt(tf.concat(sq, axis=0))
-            f = _factor(norms, t, kind, a)
+            f = _factor(norms, t * tf.cast(weights, norms.dtype), kind, a)
             if k:
                 zero_after = tf.reduce_sum(tf.cast((f == 0) | (norms == 0), tf.int32))
-                _, idx = tf.math.top_k(-norms, k=k)  # the k smallest norms
+                # the k groups the weighted prox would zero first
+                _, idx = tf.math.top_k(-norms / tf.cast(weights, norms.dtype), k=k)
                 held = tf.tensor_scatter_nd_update(tf.ones_like(f), idx[:, None],
                                                    tf.zeros([k], f.dtype))
                 f = tf.where(zero_after >= k, held, f)
