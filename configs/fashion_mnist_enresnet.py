@@ -77,7 +77,10 @@ def get_config(arg=None):
 
     c.eval.max_examples = 1000
     c.eval.eot_samples = 4
-    c.eval.eot_attacks = ("pgd20",)
+    # AutoAttack's rand version (APGD-CE, APGD-DLR, EOT only) at 20 steps: the worst case
+    # over every attack is the headline; `evaluate_tflite` attacks the shipped files.
+    c.eval.eot_attacks = ("pgd20", "apgd_ce", "apgd_dlr")
+    c.eval.apgd_steps = 20
     c.eval.sweep_examples = 300
     c.eval.eps_sweep = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -93,6 +96,7 @@ def get_config(arg=None):
     # is the comparison without it.
     c.pipeline.models = ("float,tradeoff", "ternary,tradeoff,sparse", "4bit,tradeoff,sparse",
                          "ternary,pgd,sparse", "int8_qat,tradeoff", "ternary,tradeoff")
+    c.pipeline.stages = ("train", "evaluate", "export", "evaluate_tflite", "benchmark")
     c.pipeline.finetune.from_model = "float,tradeoff"
     c.pipeline.finetune.epochs = 5
     c.pipeline.finetune.lr = 0.02

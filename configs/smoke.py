@@ -38,6 +38,10 @@ def get_config(arg=None):
     c.eval.batch_size = 64
     c.eval.eot_samples = 2
     c.eval.eps_sweep = (0.0, 0.1, 0.3)
+    # without APGD, which would double the evaluation (tests/test_worst_case.py runs it)
+    c.eval.attacks = ("fgsm", "ifgsm20", "pgd20", "cw")
+    c.eval.square_examples = 32  # evaluate_tflite: seconds
+    c.eval.square_queries = 50
     c.export.representative_examples = 16
     c.export.parity_examples = 64
     # An untrained model's logits are near ties, so full-int8 rounding flips a few

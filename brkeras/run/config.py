@@ -60,6 +60,7 @@ def base_config():
     c.sparsity.target_share = 0.0  # stop at this share of zero groups (0 = no target)
     c.sparsity.include_conv1 = False  # conv1's filter c joins group c
     c.sparsity.include_bn2 = False  # and bn2's gamma_c, beta_c
+    c.sparsity.cost_power = 0.0  # threshold x (channel MACs / mean)^p; 1 = MorphNet's FLOPs
 
     c.adv = ml_collections.ConfigDict()
     c.adv.eps = 8 / 255
@@ -86,14 +87,19 @@ def base_config():
     # statistics of the final weights over this many training batches (0 = off, the
     # reference). Undoes the damage of quantized weights flipping levels (batchnorm.py).
     c.optim.bn_reestimate_batches = 0
+    c.optim.dtype_policy = "float32"  # or "mixed_bfloat16", "auto" (train/precision.py)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 1000
     c.eval.batch_size = 200
     c.eval.eot_samples = 8  # noise draws for EOT gradients and expected predictions
     c.eval.eps_sweep = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
-    c.eval.attacks = ("fgsm", "ifgsm20", "pgd20", "cw")
-    c.eval.eot_attacks = ("fgsm", "ifgsm20", "pgd20")  # also run with EOT gradients
+    # apgd_ce, apgd_dlr: AutoAttack's "rand" version for randomised models (SPEC 10)
+    c.eval.attacks = ("fgsm", "ifgsm20", "pgd20", "cw", "apgd_ce", "apgd_dlr")
+    c.eval.eot_attacks = ("fgsm", "ifgsm20", "pgd20", "apgd_ce", "apgd_dlr")  # also with EOT
+    # of eot_attacks, run only with EOT on a noisy model (plain would be a weaker copy)
+    c.eval.eot_only = ("apgd_ce", "apgd_dlr")
+    c.eval.predict_batch_size = 1000  # examples per compiled prediction call
     # Attack steps relative to config.adv.eps, as SPEC 5 at CIFAR scale:
     # IFGSM-20 steps 1/255 of an 8/255 ball, PGD-20 steps 2/255.
     c.eval.ifgsm_step_fraction = 1 / 8
@@ -103,6 +109,20 @@ def base_config():
     c.eval.cw_lr = 6e-4
     c.eval.cw_steps = 50
     c.eval.sweep_examples = 500  # examples for the eps sweep and the step/restart checks
+    # APGD (robust/apgd.py): steps (its step-size schedule scales with them), random
+    # starts, the checkpoint threshold rho, EOT draws of its EOT mode (0 = eot_samples).
+    c.eval.apgd_steps = 40
+    c.eval.apgd_restarts = 1
+    c.eval.apgd_rho = 0.75
+    c.eval.apgd_eot_samples = 0
+    # `brkeras evaluate_tflite`: the exported files under attack (deploy/robustness.py):
+    # the evaluation's worst-case x_adv on the first tflite_examples (0 = all), and
+    # Square Attack (L-inf, queries per example) on the first square_examples.
+    c.eval.tflite_examples = 0
+    c.eval.square_examples = 200
+    c.eval.square_queries = 500
+    c.eval.square_p_init = 0.05
+    c.eval.square_eot_samples = 1  # draws per query on a noisy file
 
     c.export = ml_collections.ConfigDict()
     c.export.formats = ("float32", "dynamic_int8", "full_int8")
@@ -166,6 +186,9 @@ def validate(c):
     need(c.optim.batch_size >= 1, "config.optim.batch_size must be >= 1")
     need(c.optim.get("bn_reestimate_batches", 0) >= 0,
          "config.optim.bn_reestimate_batches must be >= 0 (0 = off)")
+    need(c.optim.get("dtype_policy", "float32") in ("float32", "mixed_bfloat16", "auto"),
+         f"config.optim.dtype_policy={c.optim.get('dtype_policy')!r}; choose float32, "
+         "mixed_bfloat16 or auto (bfloat16 where the CPU or accelerator has it)")
     need(0 <= c.adv.eps_iter and 0 <= c.adv.eps <= 1,
          "config.adv.eps must be in [0, 1] and eps_iter >= 0")
     need(c.adv.steps >= 0, "config.adv.steps must be >= 0")
@@ -179,6 +202,8 @@ def validate(c):
         need(sp.penalty in SPARSITY_PENALTIES, f"config.sparsity.penalty={sp.penalty!r}; "
              f"choose one of {SPARSITY_PENALTIES}")
         need(sp.tl1_a > 0, "config.sparsity.tl1_a must be > 0")
+        need(sp.get("cost_power", 0.0) >= 0, "config.sparsity.cost_power must be >= 0 "
+             "(0 = every channel alike, 1 = threshold proportional to its MACs)")
         need(0 <= sp.start_fraction < 1, "config.sparsity.start_fraction must be in [0, 1)")
         need(sp.warmup_epochs >= 0, "config.sparsity.warmup_epochs must be >= 0")
         need(0 <= sp.target_share < 1, "config.sparsity.target_share must be in [0, 1) (0 = none)")
