@@ -72,8 +72,12 @@ def get_config(arg=None):
     # Channel sparsity for the "sparse" models (quant/group_sparsity.py): a group
     # lasso on the block-private channels, shrunk after every step until the target
     # share of them is exactly zero; deploy/prune.py then removes them.
+    # Measured (2026-12-02, 1000 test images, ternary fine-tune from one float run at
+    # 83.3 / 72.1 natural / EOT-PGD-20): target 0.4 -> 41% zero channels, 0.54x MACs,
+    # 82.4 / 68.8; MAC-weighted (cost_power=1) 79.6 / 62.5, so unweighted, and the
+    # target at the efficiency bar's 30% to spend less accuracy.
     c.sparsity.strength = 4.0
-    c.sparsity.target_share = 0.4
+    c.sparsity.target_share = 0.3
 
     c.eval.max_examples = 1000
     c.eval.eot_samples = 4
