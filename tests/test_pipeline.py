@@ -243,6 +243,31 @@ def test_stage_done_needs_a_newer_output(tmp_path):
                     "evaluate_tflite": False}
 
 
+
+def test_tflite_attacks_are_stale_after_a_new_evaluation(tmp_path):
+    wd = str(tmp_path)
+    workdir_lib.write_state(wd, 1, finished=True)
+    t = os.path.getmtime(os.path.join(wd, "state.json"))
+    for name, dt in (("eval.json", 10), ("export.json", 10), ("tflite_eval.json", 20)):
+        path = os.path.join(wd, name)
+        workdir_lib.write_json(path, {})
+        os.utime(path, (t + dt, t + dt))
+    assert pipeline._stage_done(wd, "evaluate_tflite")  # pylint: disable=protected-access
+    os.utime(os.path.join(wd, "eval.json"), (t + 30, t + 30))  # evaluated again
+    assert not pipeline._stage_done(wd, "evaluate_tflite")  # pylint: disable=protected-access
+
+
+def test_a_config_field_added_later_is_no_change(tmp_path):
+    """config.json of an older version lacks fields added since; their defaults apply."""
+    config = smoke.get_config()
+    old = workdir_lib.config_to_dict(config)
+    del old["sparsity"]["cost_power"], old["optim"]["dtype_policy"]
+    workdir_lib.write_json(os.path.join(str(tmp_path), "config.json"), old)
+    assert workdir_lib.training_diff(str(tmp_path), config) == []
+    config.optim.dtype_policy = "mixed_bfloat16"  # a real change still shows
+    assert workdir_lib.training_diff(str(tmp_path), config) == [
+        "optim.dtype_policy: 'float32' -> 'mixed_bfloat16'"]
+
 def test_model_row_of_an_empty_dir(tmp_path):
     row = summary.model_row(str(tmp_path), "nothing_here")
     assert set(row) == set(summary.ROW_KEYS)

@@ -275,6 +275,33 @@ def test_a_kill_between_checkpoint_and_metrics_trains_that_epoch_again(tmp_path,
     assert train_lib._logged_checkpoint(str(tmp_path / "none"), latest) is None  # no metrics
 
 
+
+def test_a_failed_batchnorm_resave_keeps_the_last_epoch(tmp_path):
+    import errno  # pylint: disable=import-outside-toplevel
+    from brkeras.run import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for suffix in (".index", ".data-00000-of-00001"):
+        (ckpt / f"ckpt-2{suffix}").write_bytes(b"x")
+    (ckpt / "ckpt-2_temp").mkdir()  # what a save cut short by a full disk leaves
+
+    class FullDisk:
+        directory = str(ckpt)
+
+        def save(self, checkpoint_number):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    for e in (1, 2):
+        workdir_lib.append_metrics(str(tmp_path), {"epoch": e, "loss": 1.0})
+    workdir_lib.write_state(str(tmp_path), 2, finished=False)
+    with pytest.raises(workdir_lib.WorkdirError, match="epoch 2 is kept.*redone"):
+        train_lib._save_epoch(FullDisk(), 2, str(tmp_path), resave=True)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-2.data-00000-of-00001",
+                                                      "ckpt-2.index"]
+    assert [m["epoch"] for m in workdir_lib.read_metrics(str(tmp_path))] == [1, 2]
+    assert workdir_lib.read_state(str(tmp_path))["completed_epochs"] == 2
+
 def test_sigint_is_held_until_the_block_is_done():
     done = []
     with pytest.raises(KeyboardInterrupt):

@@ -311,7 +311,8 @@ class BlockGroup:
         conv1's filter c (H1 W1 kh kw C_in) plus conv2's input slice c (H2 W2 kh kw C_out)."""
         total = 0
         for layer, kernel, in_axis in ((self.conv1, self.kernel1, 2), (self.conv2, self.kernel2, 3)):
-            h, w = (int(d) for d in layer.output.shape[1:3])
+            # node 0: the model's own call (evaluation may have called the layer again)
+            h, w = (int(d) for d in layer.get_output_shape_at(0)[1:3])
             kh, kw, _, _ = (int(d) for d in kernel.shape)
             total += h * w * kh * kw * int(kernel.shape[in_axis])
         return total
@@ -501,6 +502,10 @@ class GroupSparsity(keras.callbacks.Callback):
         if not (_is_real(cost_power) and cost_power >= 0):
             raise ValueError(f"GroupSparsity(cost_power={cost_power!r}): give an exponent >= 0 "
                              "(0 = no cost weighting, 1 = threshold proportional to MACs)")
+        if cost_power > 0 and penalty != "group_l1":
+            # the target's ranking ||w_g|| / w_b is the weighted group lasso's order only
+            raise ValueError(f"GroupSparsity(cost_power={cost_power!r}, penalty={penalty!r}): "
+                             "cost weighting is for penalty='group_l1'; set cost_power=0 for tl1")
         if not (_is_real(strength) and strength >= 0):
             raise ValueError(f"GroupSparsity(strength={strength!r}): give the penalty weight lam "
                              "as a finite float >= 0 (0 disables the shrinkage)")

@@ -204,6 +204,8 @@ def validate(c):
         need(sp.tl1_a > 0, "config.sparsity.tl1_a must be > 0")
         need(sp.get("cost_power", 0.0) >= 0, "config.sparsity.cost_power must be >= 0 "
              "(0 = every channel alike, 1 = threshold proportional to its MACs)")
+        need(sp.get("cost_power", 0.0) == 0 or sp.penalty == "group_l1",
+             "config.sparsity.cost_power > 0 needs config.sparsity.penalty='group_l1'")
         need(0 <= sp.start_fraction < 1, "config.sparsity.start_fraction must be in [0, 1)")
         need(sp.warmup_epochs >= 0, "config.sparsity.warmup_epochs must be >= 0")
         need(0 <= sp.target_share < 1, "config.sparsity.target_share must be in [0, 1) (0 = none)")

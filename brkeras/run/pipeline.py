@@ -24,15 +24,15 @@ from brkeras.run import lock
 from brkeras.run import workdir as workdir_lib
 
 # The one stage table (the CLI's commands too): stage -> (module, function, the
-# file that marks it done, the stage it is made from).
+# file that marks it done, the stages it is made from).
 STAGES = {
-    "train": ("brkeras.run.train", "train", workdir_lib.STATE, None),
-    "evaluate": ("brkeras.run.evaluate", "evaluate", workdir_lib.EVAL_JSON, "train"),
-    "export": ("brkeras.run.export", "export", workdir_lib.EXPORT_JSON, "train"),
-    "benchmark": ("brkeras.run.benchmark", "benchmark", workdir_lib.BENCH_JSON, "export"),
-    # attacks on the exported files; also reads the evaluate stage's ADVERSARIAL_NPZ
+    "train": ("brkeras.run.train", "train", workdir_lib.STATE, ()),
+    "evaluate": ("brkeras.run.evaluate", "evaluate", workdir_lib.EVAL_JSON, ("train",)),
+    "export": ("brkeras.run.export", "export", workdir_lib.EXPORT_JSON, ("train",)),
+    "benchmark": ("brkeras.run.benchmark", "benchmark", workdir_lib.BENCH_JSON, ("export",)),
+    # attacks the exported files with the evaluate stage's worst-case examples
     "evaluate_tflite": ("brkeras.run.evaluate", "evaluate_tflite", workdir_lib.TFLITE_EVAL_JSON,
-                        "export"),
+                        ("export", "evaluate")),
 }
 
 
@@ -77,16 +77,16 @@ def _marker(workdir, stage):
 
 
 def _stage_done(workdir, stage):
-    """True if the stage's output exists and is at least as new as its input's."""
+    """True if the stage's output exists and is at least as new as each input's."""
     path = _marker(workdir, stage)
     if not os.path.exists(path):
         return False
     upstream = STAGES[stage][3]
-    if upstream is None:  # train
+    if not upstream:  # train
         return bool(workdir_lib.read_state(workdir)["finished"])
-    if not _stage_done(workdir, upstream):
-        return False
-    return os.path.getmtime(path) >= os.path.getmtime(_marker(workdir, upstream))
+    return all(_stage_done(workdir, u)
+               and os.path.getmtime(path) >= os.path.getmtime(_marker(workdir, u))
+               for u in upstream)
 
 
 def _check(config, pipeline_dir=None):

@@ -169,15 +169,21 @@ class EpochLogger(keras.callbacks.Callback):
             _save_epoch(self.manager, epoch + 1, self.workdir if self.write else None, record)
 
 
+def _remove_temp_files(directory, number):
+    """tf's temp files of a save of checkpoint `number` (and of the state file) in `directory`."""
+    prefix = os.path.join(directory, f"ckpt-{number}")
+    for path in glob.glob(glob.escape(prefix) + "_temp*") + glob.glob(
+            os.path.join(glob.escape(directory), "checkpoint.tmp*")):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
 def _drop_checkpoint(directory, number):
     """Removes checkpoint `number` of `directory` with tf's temp files of it, and points
     the checkpoint state back at the newest remaining one."""
     prefix = os.path.join(directory, f"ckpt-{number}")
 
     def remove_temp_files():
-        for path in glob.glob(glob.escape(prefix) + "_temp*") + glob.glob(
-                os.path.join(glob.escape(directory), "checkpoint.tmp*")):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        _remove_temp_files(directory, number)
 
     remove_temp_files()
     for path in glob.glob(glob.escape(prefix) + ".*"):
@@ -197,19 +203,30 @@ def _drop_checkpoint(directory, number):
         remove_temp_files()  # tf's temp file of a state write that failed too
 
 
-def _save_epoch(manager, number, workdir=None, record=None):
+def _save_epoch(manager, number, workdir=None, record=None, resave=False):
     """Saves checkpoint `number`, then (chief: `workdir` given) logs `record` and the state.
 
     A failed write removes this epoch's checkpoint (and, in workdir, its metrics
     line and state) so that checkpoints and metrics still agree, and raises a
     WorkdirError that says what to free or fix; a later `train` resumes after
-    epoch number - 1.
+    epoch number - 1. resave: checkpoint `number` exists and is being written
+    again (the BatchNorm re-estimation); a failure removes only the temp files
+    and keeps it, and the next `train` redoes the re-estimation.
     """
     try:
         manager.save(checkpoint_number=number)
         if workdir is not None and record is not None:
             workdir_lib.record_epoch(workdir, record)
     except (tf.errors.OpError, OSError) as e:
+        if resave:
+            with contextlib.suppress(OSError):
+                _remove_temp_files(manager.directory, number)
+            reason = console.write_failure(e) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            where = workdir or os.path.dirname(manager.directory)
+            raise workdir_lib.WorkdirError(
+                f"could not save the re-estimated BatchNorm statistics in {where}: {reason}. "
+                f"{console.how_to_fix(console.write_failure(e), where)}: the checkpoint of "
+                f"epoch {number} is kept and the re-estimation is redone.") from e
         cleanup_failed = None
         try:
             _drop_checkpoint(manager.directory, number)
@@ -349,7 +366,9 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
     # without one reads the chief's if it can see it (a shared work dir).
     latest = tf.train.latest_checkpoint(os.path.join(write_dir, workdir_lib.CKPT)) or (
         None if chief else tf.train.latest_checkpoint(os.path.join(workdir, workdir_lib.CKPT)))
-    if chief and latest:
+    if chief and latest and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # (multi-worker: the workers restore their own newest checkpoint and agree on
+        # the epoch after restoring, so the chief must not roll back alone)
         latest = _logged_checkpoint(workdir, latest)
     # A resumed run restores every weight from its checkpoint: skip the source run.
     init_weights = None if latest else initial_weights(config)
@@ -414,7 +433,7 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
         tf.random.set_seed(epoch_seed(config.seed, config.optim.epochs))
         report = reestimate_batchnorm(trainer, config, n_bn)
         with console.sigint_deferred():
-            _save_epoch(manager, config.optim.epochs, workdir if chief else None)
+            _save_epoch(manager, config.optim.epochs, workdir if chief else None, resave=True)
         if chief:
             workdir_lib.write_json(os.path.join(workdir, BN_REPORT), report)
         if verbose:

@@ -179,7 +179,21 @@ def training_diff(workdir, config):
     path = os.path.join(workdir, CONFIG)
     if not os.path.exists(path):
         return []
-    return config_diff(read_json(path), config_to_dict(config), ignore=STAGE_SECTIONS)
+    from brkeras.run import config as config_lib  # pylint: disable=g-import-not-at-top
+    # A field added to the schema after the run was made counts as its default
+    # there (the code reads old configs with that default), not as a change.
+    old = _with_defaults(read_json(path), config_to_dict(config_lib.base_config()))
+    return config_diff(old, config_to_dict(config), ignore=STAGE_SECTIONS)
+
+
+def _with_defaults(old, defaults):
+    out = dict(old)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
 
 
 def prepare_for_training(workdir, config, overwrite=False):
