@@ -351,3 +351,20 @@ def test_eot_averages_the_loss_used_by_the_rule():
     z = x.astype(np.float64) @ w
     ref = 0.5 * (ce(z + [2, 0, 0]) + ce(z - [2, 0, 0]))
     np.testing.assert_allclose(info["loss_trace"].numpy()[0], ref, rtol=1e-5)
+
+
+def test_dlr_with_tied_logits_and_overflowing_gradient_stays_finite():
+    """Three tied top logits make DLR's denominator 1e-12; with large logits its
+    gradient overflows (inf - inf = NaN), as measured on an int8 QAT model. The
+    attack must step only where the gradient is finite and return a finite x_adv."""
+    def model_fn(x):
+        m = 1e15 * tf.reduce_mean(x, axis=[1, 2, 3])
+        return tf.stack([m, m, m, tf.ones_like(m)], axis=1)
+
+    x = tf.constant(np.random.default_rng(0).uniform(0.2, 0.8, (4, 3, 3, 1)), tf.float32)
+    y = tf.constant([3, 3, 3, 3])
+    _, g, _ = A._eval_raw(model_fn, x, y, None, None, "dlr")  # pylint: disable=protected-access
+    assert not np.isfinite(g.numpy()).all()  # the situation the guard is for
+    x_adv = A.apgd(model_fn, x, 0.05, nb_iter=5, loss="dlr", y=y).numpy()
+    assert np.isfinite(x_adv).all()
+    assert np.abs(x_adv - x.numpy()).max() <= 0.05 + 1e-6

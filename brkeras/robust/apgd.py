@@ -222,6 +222,16 @@ def _axes(x):
 
 
 def _eval(model_fn, x, y, yt, n, kind):
+    """`_eval_raw` with non-finite gradient entries set to 0 (no step there).
+
+    The DLR denominator z_pi1 - z_pi3 + 1e-12 is ~1e-12 where three logits tie
+    (e.g. the fake-quantized logits of an int8 QAT model); its gradient then
+    overflows to inf and NaN, and one NaN in sign(g) would make x_adv NaN."""
+    l, g, z = _eval_raw(model_fn, x, y, yt, n, kind)
+    return l, tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)), z
+
+
+def _eval_raw(model_fn, x, y, yt, n, kind):
     """Mean over n calls of (per-example loss, its gradient, logits).
 
     A model_fn with an `eot_split` (prefix, suffix, num_classes) runs its

@@ -515,8 +515,16 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
                 t_mode = time.time()
                 x_adv = adversarial_examples(m, name, settings, x, y, eot,
                                              _progress(n_batches, verbose, "batch"))
+                # A non-finite x_adv is an attack failure, not an error of the model:
+                # count it (sanity check "finite x_adv") and keep the clean image.
+                bad = ~np.isfinite(x_adv.reshape(n, -1)).all(1)
+                if bad.any():
+                    x_adv = np.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), x, x_adv)
+                    say(f"[evaluate] WARNING {name} ({mode}) gave non-finite x_adv for "
+                        f"{int(bad.sum())} examples; counted as not broken", flush=True)
                 c = m.correct(x_adv, y)
                 entry[mode] = _acc(*c)
+                entry[mode]["nonfinite_examples"] = int(bad.sum())
                 entry[mode]["mean_linf"] = float(np.abs(x_adv - x).reshape(n, -1).max(1).mean())
                 entry[mode]["mean_l2"] = float(
                     np.sqrt(((x_adv - x) ** 2).reshape(n, -1).sum(1)).mean())

@@ -32,6 +32,7 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
                           PGD-20's same mode (else its plain run); two binomial
                           standard errors even for a deterministic model (both
                           attacks start at random);
+      finite x_adv        no attack gave a NaN or Inf example (those are kept clean);
       worst case          worst_case <= every member's expected accuracy (exact:
                           one set of per-example results, no tolerance).
     Sections missing from `result` (eps_sweep, more_effort, worst_case) are not checked.
@@ -51,6 +52,12 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
                 for kind in ("single", "expected"):
                     check(f"robust <= natural ({name}, {mode}, {kind})", r[mode][kind], nat[kind],
                           n, f"{name} {mode} {kind} vs natural {kind}")
+    for name, r in atk.items():
+        for mode in ("plain", "eot"):
+            if r.get(mode) and "nonfinite_examples" in r[mode]:
+                bad = int(r[mode]["nonfinite_examples"])
+                checks.append({"check": f"finite x_adv ({name}, {mode})", "held": bad == 0,
+                               "detail": f"{bad} examples with a non-finite x_adv (kept clean)"})
     if "pgd20" in atk and "fgsm" in atk:
         for mode in ("plain", "eot"):
             if atk["pgd20"].get(mode) and atk["fgsm"].get(mode):

@@ -66,8 +66,8 @@ EFFICIENCY = (
     ("model", "the pipeline model", lambda r: r["model"]),
     ("removed channels", "block-private channels pruning removed (%), of all such channels",
      _pct("removed_share")),
-    ("params", "parameters of the noise-off deploy model, before / after pruning",
-     _pair("params_before", "params_after", _k)),
+    ("params", "parameters of the noise-off deploy model: shipped (pruned) / unpruned",
+     _pair("params_after", "params_before", _k)),
     ("MACs", "multiply-accumulates per image of the shipped noise-off TFLite file, and of the "
              "unpruned one", _pair("tflite_macs", "tflite_macs_unpruned", _k)),
     ("file", "the shipped noise-off file (full int8, pruned when pruning removed channels; "
