@@ -66,6 +66,9 @@ def get_config(arg=None):
     c.export.formats = ("float32", "dynamic_int8", "full_int8", "int4")
     c.export.representative_examples = 200
     c.export.parity_examples = 300
+    # dynamic-range int8 of the float model flips 2 of 300 near-tie top-1s (measured):
+    # 0.995 of 300 would allow 1
+    c.export.min_agreement = 0.99
     c.export.optional_formats = ("full_int8", "int4")
     c.bench.runs = 300
 

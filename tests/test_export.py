@@ -304,3 +304,16 @@ def test_int8_qat_export(tmp_path):
     assert len(src) == len(dst) > 30
     for a, b in zip(src, dst):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_layer_folded_away_is_exact_only_when_its_kernel_is_zero():
+    """Group sparsity can empty a whole block; the converter then folds its conv away."""
+    x, y = data(seed=2)
+    m, quant = quantized_trained(x, y, 7, seed=4, width=16)
+    f32 = convert_lib.convert(m, "float32")
+    name, (kernel, kmax) = next(iter(quant.items()))
+    gone = {f"{name}_folded": (np.zeros_like(kernel), kmax),
+            f"{name}_lost": (kernel, kmax)}
+    rep = levels_lib.check_weights(f32, f32, gone)
+    assert rep[f"{name}_folded"] == {"stored": "folded (all-zero kernel)", "exact": True}
+    assert rep[f"{name}_lost"] == {"stored": "missing", "exact": False}
