@@ -243,3 +243,21 @@ def test_dynamic_range_conv_to_int4(data):
     l8, l4 = _logits(q8, data[1]), _logits(b4, data[1])
     assert np.abs(l8 - l4).max() <= 1e-4 * np.abs(l8).max()
     assert len(b4) < len(q8)
+
+
+def test_an_all_zero_filter_stays_int8_and_the_file_still_converts(data):
+    """A block emptied by group sparsity has an all-zero conv filter: nothing to pack,
+    and the checked conversion must not fail on it (measured on ResNet20)."""
+    from brkeras.deploy import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    m = _model(1, seed=5)
+    c2 = m.get_layer("c2")
+    c2.set_weights([np.zeros_like(c2.get_weights()[0])])
+    q8 = _fix_levels(_convert(m, "full_int8", data[0]), _convert(m, "float32", None), m, 1)
+    quantized = {n: (m.get_layer(n).get_weights()[0], 1) for n in ("c1", "c2")}
+    b4, summary = export_lib.to_int4_checked(q8, quantized, "det_int4")
+    assert summary["rewritten"] == 1  # c1 packed, c2 left as its zeros
+    types = {name.split("/")[-2] if "/" in name else name: t for name, t, _, _ in _conv_filters(b4)}
+    assert int4.INT4 in types.values()
+    np.testing.assert_allclose(_logits(b4, data[0]), _logits(q8, data[0]), atol=0.05 * max(
+        1.0, float(np.abs(_logits(q8, data[0])).max())))

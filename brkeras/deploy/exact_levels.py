@@ -107,6 +107,12 @@ def fix_quantized_weights(tflite_bytes, float_bytes, quantized):
         f = wf[layer]["data"].astype(np.float64)
         if f.shape != k.shape:
             raise ExportError(f"layer {layer}: float filter {f.shape} vs Q(w) {k.shape}")
+        if not np.any(k):
+            # An all-zero filter is exact at any scale. Keep the converter's: the
+            # calibrated output scale of its (all-zero) output is tiny, and a new
+            # filter scale would make a requantization multiplier the int8
+            # kernels (XNNPACK) cannot prepare.
+            continue
         m = 127 // kmax
         c = k.shape[0]
         kf = k.reshape(c, -1).astype(np.float64)

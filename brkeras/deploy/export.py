@@ -135,7 +135,9 @@ def to_int4_checked(int8_bytes, quantized, name):
     convs = [w for w in weights_by_layer(int8_bytes, quantized).items()
              if w[1]["op"] == "CONV_2D"]
     rewritten = set(report["rewritten"])
-    missing = [layer for layer, w in convs if w["name"] not in rewritten]
+    # An all-zero filter (a block that group sparsity emptied) stays int8: nothing to pack.
+    missing = [layer for layer, w in convs
+               if w["name"] not in rewritten and np.any(w["data"])]
     if missing:
         reasons = {t["name"]: t["reason"] for t in report["tensors"] if not t["rewritten"]}
         raise ExportError(f"{name}: quantized conv filters not packed as INT4: {missing} "
