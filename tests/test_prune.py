@@ -134,3 +134,28 @@ def test_bn_of_zero_matches_layer():
                     rng.uniform(0.5, 2, 4)])
     ref = bn(np.zeros((1, 4), np.float32), training=False).numpy()[0]
     np.testing.assert_allclose(prune.bn_of_zero(bn), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_with_every_channel_removable_is_dropped_whole():
+    """An identity-shortcut block adding exactly zero becomes noise(h) = its input here;
+    a projection block keeps one channel (its shortcut reads relu1)."""
+    keras.utils.set_random_seed(1)
+    m = tiny_resnet()
+    for p in ("m0_s1_b0_", "m0_s2_b0_"):
+        c2 = m.get_layer(p + "conv2")
+        c2.set_weights([np.zeros_like(c2.get_weights()[0])])
+    x = np.random.default_rng(2).uniform(0, 1, (5, 8, 8, 3)).astype(np.float32)
+    pruned, rep = prune.prune_blocks(m)
+    assert rep["dropped_blocks"] == ["m0_s1_b0_"]
+    names = {l.name for l in pruned.layers}
+    assert not any(n.startswith("m0_s1_b0_") and not n.endswith("noise") for n in names)
+    assert "m0_s1_b0_noise" in names and "m0_s2_b0_conv1" in names
+    assert rep["blocks"]["m0_s1_b0_"]["kept"] == 0 and rep["blocks"]["m0_s2_b0_"]["kept"] == 1
+    assert rep["removed_channels"] == 6 + 11
+    s1 = 8 * 8 * 9 * 6 * 6  # conv1 and conv2 of block s1
+    s2_channel = 4 * 4 * 9 * 6 + 4 * 4 * 9 * 12  # conv1 filter (stride 2) + conv2 slice
+    assert rep["before"]["macs"] - rep["after"]["macs"] == 2 * s1 + 11 * s2_channel
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), m.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    again, rep2 = prune.prune_blocks(pruned)  # a pruned model prunes again, unchanged
+    assert rep2["dropped_blocks"] == [] and again.count_params() == pruned.count_params()

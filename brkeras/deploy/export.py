@@ -38,8 +38,10 @@ from brkeras._keras import keras
 def quantized_from_model(model, layer_names, kmax):
     """{layer: (kernel, K)} read from `model` (whose kernels are exact Q(w))."""
     out = {}
+    present = {l.name for l in model.layers}
     for name in layer_names:
-        out[name] = (model.get_layer(name).get_weights()[0], kmax)
+        if name in present:  # a block prune_blocks dropped whole has none
+            out[name] = (model.get_layer(name).get_weights()[0], kmax)
     return out
 
 

@@ -9,6 +9,12 @@ nothing to conv2's output:
 - zero filter: conv1's filter `kernel1[..., c]` (and bias) is all zero AND
   `relu(bn2(0))_c = max(beta_c - gamma_c * mean_c / sqrt(var_c + eps), 0) == 0`.
 
+A block whose every channel is removable adds exactly zero to its stream (conv2
+has no bias): out = noise(h + 0) = noise(h). `prune_blocks` then drops the whole
+block (bn1, relu1, conv1, bn2, relu2, conv2 and the Add; the noise layer stays,
+on h) when its shortcut is the identity; with a projection shortcut it keeps one
+channel, since the shortcut conv reads relu1.
+
 A zero filter whose BN maps 0 to a positive constant r_c is KEPT: folding r_c into a
 bias of conv2 is not exact, because conv2 zero-pads ('same') and the border
 outputs see fewer copies of r_c than the interior. Channels of the residual
@@ -148,9 +154,77 @@ def prune_blocks(model):
             k = keep[name[:-len("conv2")]]
             ws = [ws[0][:, :, k, :]] + ws[1:]
         new.get_layer(name).set_weights(ws)
+    dead = [p for p in prefixes if _droppable(model, p, blocks[p])]
+    if dead:
+        new = _without_blocks(new, dead)
+    for p in dead:
+        blocks[p]["kept"] = 0
+        blocks[p]["block_dropped"] = True
     before, after = cost(model), cost(new)
     removed = sum(b["channels"] - b["kept"] for b in blocks.values())
     return new, dict(blocks=blocks, removed_channels=int(removed), before=before, after=after,
+                     dropped_blocks=dead,
                      rule="private conv1->bn2->relu2->conv2 channels with a dead conv2 input "
                           "slice, or a zero conv1 filter whose relu(bn2(0)) == 0; residual "
                           "streams untouched")
+
+
+def _input_tensors(layer):
+    t = layer.inbound_nodes[0].input_tensors
+    return list(t) if isinstance(t, (list, tuple)) else [t]
+
+
+def _droppable(model, p, report):
+    """True if block p adds exactly zero to an identity shortcut (see the module docstring)."""
+    if len(report["removable"]) != report["channels"]:
+        return False
+    names = {l.name for l in model.layers}
+    parts = [p + s for s in ("bn1", "relu1", "conv1", "bn2", "relu2", "conv2", "add")]
+    if not all(n in names for n in parts) or p + "shortcut" in names:
+        return False
+    bn1, relu1, conv2, add = (model.get_layer(p + s) for s in ("bn1", "relu1", "conv2", "add"))
+    if conv2.use_bias and np.any(conv2.get_weights()[1]):
+        return False
+    if any(len(l.inbound_nodes) != 1 for l in (bn1, relu1, add)):
+        return False
+    # relu1 feeds conv1 alone, and the Add joins conv2's output with bn1's input h
+    if [c.name for c in _consumers(model, relu1)] != [p + "conv1"]:
+        return False
+    if [c.name for c in _consumers(model, bn1)] != [p + "relu1"]:
+        return False
+    h = _input_tensors(bn1)[0]
+    add_in = _input_tensors(add)
+    others = [t for t in add_in if t is not conv2.output]
+    return len(add_in) == 2 and len(others) == 1 and others[0] is h
+
+
+def _without_blocks(model, prefixes):
+    """A functional copy of `model` (same layer objects, shared weights) in which the
+    Add of each block in `prefixes` passes its shortcut input h through, and the
+    block's other layers are left out."""
+    skip = {p + s for p in prefixes for s in ("bn1", "relu1", "conv1", "bn2", "relu2", "conv2")}
+    adds = {p + "add" for p in prefixes}
+    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
+                            name=model.inputs[0].name.split(":")[0])
+    mapped = {id(model.inputs[0]): new_input}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer) or layer.name in skip:
+            continue
+        node = layer.inbound_nodes[0]
+        ins = node.input_tensors
+        flat = list(ins) if isinstance(ins, (list, tuple)) else [ins]
+        if layer.name in adds:
+            conv2 = model.get_layer(layer.name[:-len("add")] + "conv2")
+            out = [mapped[id(t)] for t in flat if t is not conv2.output][0]
+        else:
+            args = [mapped[id(t)] for t in flat]
+            out = layer(args if isinstance(ins, (list, tuple)) else args[0])
+        outs = node.output_tensors
+        for old, nt in zip(outs if isinstance(outs, (list, tuple)) else [outs],
+                           out if isinstance(out, (list, tuple)) else [out]):
+            mapped[id(old)] = nt
+    joined = keras.Model(new_input, mapped[id(model.outputs[0])], name=model.name)
+    # Fresh layers with one inbound node each (the shared ones now have two).
+    out = keras.models.clone_model(joined)
+    out.set_weights(joined.get_weights())
+    return out
