@@ -17,12 +17,14 @@ it (pipeline.finetune: 5 epochs of 20,000 images at lr 0.02, /10 for the last;
 Binary-Relax phase I for the first epoch with lam growing per step to 10, exact
 Q(w) after).
 
-Cost and result on 2 CPU cores (2026-11-27, `make run`, 15.6 min in all; 1000
-test images, expected prediction over 4 noise draws, PGD-20 with EOT gradients):
-  float from scratch, train 2.1 min:     84.7% natural, 73.1% PGD-20 EOT
-  ternary fine-tuned from it, 1.7 min:   83.7% natural, 71.1% PGD-20 EOT
-  4-bit fine-tuned from it, 1.9 min:     85.2% natural, 74.7% PGD-20 EOT
-  tfmot 8-bit QAT from it, 2.5 min:      85.2% natural, 74.1% PGD-20 EOT
+Cost and result on 2 CPU cores (2026-12-02, `brkeras pipeline`, 20.3 min in all;
+1000 test images, expected prediction over 4 noise draws; EOT-PGD-20 / worst case
+over every attack incl. APGD-CE/DLR with EOT):
+  float from scratch:                       83.4% natural, 72.0% / 70.8%
+  ternary fine-tuned from it:               83.6% natural, 69.4% / 68.3%
+  ternary + group sparsity (30% channels):  82.7% natural, 68.5% / 67.3%, 0.61x MACs
+  4-bit + group sparsity:                   84.9% natural, 73.6% / 72.2%
+  tfmot 8-bit QAT from it:                  85.4% natural, 74.3% / 72.5%
 The full pipeline table is in README.md; configs/fashion_mnist_long.py is the
 longer run towards the reference's 90.9% / 68.1% (Madry-style, SPEC 6).
 
