@@ -137,8 +137,10 @@ def test_sanity_list_and_more_effort(ternary):
     names = [c["check"] for c in checks]
     assert len(names) == len(set(names))
     # 5 attacks x plain (2 kinds) + 3 x eot (2 kinds); PGD<=FGSM x2; EOT<=plain x3;
-    # 2 sweep attacks x (2 steps + near chance); 2 more-effort checks; worst case
-    assert len(checks) == 10 + 6 + 2 + 3 + 6 + 2 + 1
+    # 2 sweep attacks x (2 steps + near chance); 2 more-effort checks; worst case;
+    # finite x_adv per attack and mode run (4 plain, cw_rescaled derives from cw; 3 eot)
+    assert len(checks) == 10 + 6 + 2 + 3 + 6 + 2 + 1 + 7
+    assert all(c["held"] for c in checks if c["check"].startswith("finite x_adv"))
     # the stored checks are exactly what the pure function gives on the stored result
     n, m = r["n_examples"], r["eps_sweep"]["n_examples"]
     assert sanity.sanity_checks(r, n, True, 10, m) == checks
