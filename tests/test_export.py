@@ -287,6 +287,8 @@ def test_int8_qat_export(tmp_path):
     for e in res["files"]:
         # Every conv and the dense layer stored int8: 7 3x3 + 2 shortcuts + 1 dense.
         assert list(e["storage"]) == ["INT8"] and e["storage"]["INT8"]["tensors"] == 10
+        # the peer's cost, as for every other file (the summary compares them)
+        assert 0 < e["zipped_bytes"] < e["size_bytes"] and e["macs"] > 0
         p = e["parity"]
         if e["noise"]:
             assert p["abs_diff"] <= p["tolerance"] and p["runs"] == 3

@@ -208,6 +208,7 @@ def export_qat(model, out_dir, stem, x_test, y_test, noise, min_agreement=0.995,
         par = parity_deterministic(path, model, x_test, y_test,
                                    agreement_bar(min_agreement, "qat_int8"))
     return [dict(file=os.path.basename(path), format="qat_int8", size_bytes=len(b),
+                 zipped_bytes=cost.zipped_size(b), macs=cost.tflite_macs(b)["macs"],
                  noise=bool(noise), pruned=False, weights={},
                  batch=(model if deploy is None else deploy).inputs[0].shape[0],
                  random_ops=random_op_seeds(b), storage=storage_summary(b), parity=par)]
