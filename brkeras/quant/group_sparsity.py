@@ -614,11 +614,12 @@ class GroupSparsity(keras.callbacks.Callback):
             values = [[(tf.convert_to_tensor(v), ax) for v, ax in ms] for ms in members]
             sq = [tf.add_n([_group_sq_norms(x, ax) for x, ax in vs]) for vs in values]
             norms = tf.sqrt(tf.concat(sq, axis=0))
-            f = _factor(norms, t * tf.cast(weights, norms.dtype), kind, a)
+            w = tf.cast(weights, norms.dtype)
+            f = _factor(norms, t * w, kind, a)
             if k:
                 zero_after = tf.reduce_sum(tf.cast((f == 0) | (norms == 0), tf.int32))
                 # the k groups the weighted prox would zero first
-                _, idx = tf.math.top_k(-norms / tf.cast(weights, norms.dtype), k=k)
+                _, idx = tf.math.top_k(-norms / w, k=k)
                 held = tf.tensor_scatter_nd_update(tf.ones_like(f), idx[:, None],
                                                    tf.zeros([k], f.dtype))
                 f = tf.where(zero_after >= k, held, f)

@@ -40,6 +40,7 @@ import numbers
 import numpy as np
 
 from brkeras._keras import tf
+from brkeras.robust import attacks
 
 __all__ = ["apgd", "dlr_loss", "dlr_targeted_loss", "apgd_checkpoints", "apgd_step_rule",
            "clear_cache"]
@@ -236,7 +237,7 @@ def _eval_raw(model_fn, x, y, yt, n, kind):
 
     A model_fn with an `eot_split` (prefix, suffix, num_classes) runs its
     deterministic prefix once and the suffix n times (robust.evaluation.StochasticModel)."""
-    split = getattr(model_fn, "eot_split", None)
+    split = attacks.eot_split(model_fn)
     if n is not None and split is not None:
         return _split_eval(split, x, y, yt, n, kind)
 
@@ -267,48 +268,14 @@ def _eval_raw(model_fn, x, y, yt, n, kind):
 
 
 def _split_eval(split, x, y, yt, n, kind):
-    """_eval through a deterministic prefix: h = prefix(x) once; per draw the suffix's
-    loss and its gradient in h; the mean gradient pulled back through the prefix."""
-    prefix, suffix, num_classes = split
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        h = prefix(x)
+    """_eval through a deterministic prefix (attacks.split_eot_grad): h = prefix(x)
+    once, the suffix's loss and its gradient per draw, pulled back through the prefix."""
+    def loss_of(z):
+        _num_classes_check(z, _MIN_CLASSES[kind], f"loss={kind!r}")
+        return _loss(kind, z, y, yt)
 
-    def body(k, l, gh, z):
-        with tf.GradientTape() as t2:
-            t2.watch(h)
-            zi = tf.cast(suffix(h), tf.float32)
-            _num_classes_check(zi, _MIN_CLASSES[kind], f"loss={kind!r}")
-            li = _loss(kind, zi, y, yt)
-            total = tf.reduce_sum(li)
-        return k + 1, l + li, [a + b for a, b in zip(gh, t2.gradient(total, h))], z + zi
-
-    b = tf.shape(x)[0]
-    # from zeros: the graph holds one copy of the suffix
-    _, l, gh, z = tf.while_loop(lambda k, *_: k < n, body,
-                                (tf.constant(0), tf.zeros(tf.reshape(b, [1])),
-                                 [tf.zeros_like(t) for t in h],
-                                 tf.zeros(tf.stack([b, num_classes]))))
-    nf = tf.cast(n, tf.float32)
-    g = tape.gradient(h, x, output_gradients=[v / nf for v in gh])
-    return l / nf, g, z / nf
-
-
-def _mean_logits(model_fn, x, n):
-    split = getattr(model_fn, "eot_split", None)
-    if n is not None and split is not None:
-        h = split[0](x)
-        _, z = tf.while_loop(lambda k, z: k < n,
-                             lambda k, z: (k + 1, z + tf.cast(split[1](h), tf.float32)),
-                             (tf.constant(0), tf.zeros(tf.stack([tf.shape(x)[0], split[2]]))))
-        return z / tf.cast(n, tf.float32)
-    z = tf.cast(model_fn(x), tf.float32)
-    if n is None:
-        return z
-    _, z = tf.while_loop(lambda k, z: k < n,
-                         lambda k, z: (k + 1, z + tf.cast(model_fn(x), tf.float32)),
-                         (tf.constant(1), z))
-    return z / tf.cast(n, tf.float32)
+    g, z, l = attacks.split_eot_grad(split, x, n, loss_of, return_loss=True)
+    return l, g, z
 
 
 def _direction(g, norm):
@@ -401,7 +368,7 @@ def _single_run(model_fn, x, y, yt, eps, checks, win, clip_min, clip_max, eot, r
 def _apgd_core(model_fn, x, y, yt, eps, checks, win, clip_min, clip_max, eot, restarts, rho,
                seed, norm, kind, rand_init):
     if y is None or (kind == "dlr_targeted" and yt is None):
-        zc = _mean_logits(model_fn, x, eot)
+        zc = attacks.mean_logits(model_fn, x, eot)
         if y is None:
             y = tf.argmax(zc, -1, output_type=tf.int32)
         if kind == "dlr_targeted" and yt is None:

@@ -154,14 +154,16 @@ def _logit_zeros(x, num_classes):
     return tf.zeros(tf.stack([tf.shape(x)[0], num_classes]), tf.float32)
 
 
-def split_eot_grad(split, x, n, loss_of, extra=None):
+def split_eot_grad(split, x, n, loss_of, extra=None, return_loss=False):
     """EOT gradient through a deterministic prefix computed once.
 
     h = prefix(x); G = (1/n) sum_k dL(suffix_k(h))/dh; grad = J_prefix(x)^T G (+ the
     gradient of extra(x), a deterministic scalar, e.g. CW's distance term); also
     returns the mean logits. Same value as n full calls, at the cost of one prefix
     and n suffix passes; the loop starts from zeros, so the graph holds one suffix.
-    loss_of(logits) -> scalar.
+    loss_of(logits) -> scalar, or per-example losses [batch] (their sum is
+    differentiated); return_loss: also return the mean of loss_of over the n draws
+    (then loss_of must give per-example losses).
     """
     prefix, suffix, num_classes = split
     with tf.GradientTape() as tape:
@@ -169,20 +171,23 @@ def split_eot_grad(split, x, n, loss_of, extra=None):
         h = prefix(x)
         e = extra(x) if extra is not None else None
 
-    def body(k, gh, z):
+    def body(k, gh, z, l):
         with tf.GradientTape() as t2:
             t2.watch(h)
             logits = tf.cast(suffix(h), tf.float32)
             loss = loss_of(logits)
-        return k + 1, [a + b for a, b in zip(gh, t2.gradient(loss, h))], z + logits
+        return (k + 1, [a + b for a, b in zip(gh, t2.gradient(loss, h))], z + logits,
+                l + loss if return_loss else l)
 
-    _, gh, z = tf.while_loop(lambda k, *_: k < n, body,
-                             (tf.constant(0), [tf.zeros_like(t) for t in h],
-                              _logit_zeros(x, num_classes)))
+    l0 = tf.zeros(tf.shape(x)[:1]) if return_loss else tf.zeros([])
+    _, gh, z, l = tf.while_loop(lambda k, *_: k < n, body,
+                                (tf.constant(0), [tf.zeros_like(t) for t in h],
+                                 _logit_zeros(x, num_classes), l0))
     nf = tf.cast(n, tf.float32)
     targets = list(h) + ([e] if e is not None else [])
     grads = [g / nf for g in gh] + ([tf.ones_like(e)] if e is not None else [])
-    return tape.gradient(targets, x, output_gradients=grads), z / nf
+    g = tape.gradient(targets, x, output_gradients=grads)
+    return (g, z / nf, l / nf) if return_loss else (g, z / nf)
 
 
 def mean_logits(model_fn, x, n):

@@ -181,11 +181,7 @@ def _drop_checkpoint(directory, number):
     """Removes checkpoint `number` of `directory` with tf's temp files of it, and points
     the checkpoint state back at the newest remaining one."""
     prefix = os.path.join(directory, f"ckpt-{number}")
-
-    def remove_temp_files():
-        _remove_temp_files(directory, number)
-
-    remove_temp_files()
+    _remove_temp_files(directory, number)
     for path in glob.glob(glob.escape(prefix) + ".*"):
         os.remove(path)
     state = tf.train.get_checkpoint_state(directory)
@@ -200,7 +196,7 @@ def _drop_checkpoint(directory, number):
         else:
             os.remove(os.path.join(directory, "checkpoint"))
     finally:
-        remove_temp_files()  # tf's temp file of a state write that failed too
+        _remove_temp_files(directory, number)  # tf's temp file of a state write that failed too
 
 
 def _save_epoch(manager, number, workdir=None, record=None, resave=False):
@@ -218,15 +214,17 @@ def _save_epoch(manager, number, workdir=None, record=None, resave=False):
         if workdir is not None and record is not None:
             workdir_lib.record_epoch(workdir, record)
     except (tf.errors.OpError, OSError) as e:
+        reason = console.write_failure(e)
+        where = workdir or os.path.dirname(manager.directory)
+        what = reason or f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        fix = console.how_to_fix(reason, where)
         if resave:
             with contextlib.suppress(OSError):
                 _remove_temp_files(manager.directory, number)
-            reason = console.write_failure(e) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            where = workdir or os.path.dirname(manager.directory)
             raise workdir_lib.WorkdirError(
-                f"could not save the re-estimated BatchNorm statistics in {where}: {reason}. "
-                f"{console.how_to_fix(console.write_failure(e), where)}: the checkpoint of "
-                f"epoch {number} is kept and the re-estimation is redone.") from e
+                f"could not save the re-estimated BatchNorm statistics in {where}: {what}. "
+                f"{fix}: the checkpoint of epoch {number} is kept and the re-estimation is "
+                "redone.") from e
         cleanup_failed = None
         try:
             _drop_checkpoint(manager.directory, number)
@@ -238,15 +236,12 @@ def _save_epoch(manager, number, workdir=None, record=None, resave=False):
                     workdir_lib.write_state(workdir, number - 1, finished=False)
         except (tf.errors.OpError, OSError) as cleanup_error:
             cleanup_failed = cleanup_error
-        reason = console.write_failure(e) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        where = workdir or os.path.dirname(manager.directory)
         kept = (f"training resumes after epoch {number - 1}, whose checkpoint is kept"
                 if number > 1 else "training starts again at epoch 1")
         also = (f" (cleaning up failed too: {cleanup_failed}; remove {manager.directory}/"
                 f"ckpt-{number}* by hand)" if cleanup_failed else "")
         raise workdir_lib.WorkdirError(
-            f"could not save epoch {number} in {where}: {reason}{also}. "
-            f"{console.how_to_fix(console.write_failure(e), where)}: {kept}.") from e
+            f"could not save epoch {number} in {where}: {what}{also}. {fix}: {kept}.") from e
 
 
 def _logged_checkpoint(workdir, latest):

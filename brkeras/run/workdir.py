@@ -15,6 +15,7 @@ import tempfile
 import ml_collections
 
 from brkeras.errors import WorkdirError
+from brkeras.run import config as config_lib
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -179,7 +180,6 @@ def training_diff(workdir, config):
     path = os.path.join(workdir, CONFIG)
     if not os.path.exists(path):
         return []
-    from brkeras.run import config as config_lib  # pylint: disable=g-import-not-at-top
     # A field added to the schema after the run was made counts as its default
     # there (the code reads old configs with that default), not as a change.
     old = _with_defaults(read_json(path), config_to_dict(config_lib.base_config()))
