@@ -48,3 +48,23 @@ def test_long_config_extends_the_default():
     # What the default's ternary result rests on carries over.
     assert long.quant.keep_float == default.quant.keep_float
     assert long.optim.bn_reestimate_batches == default.optim.bn_reestimate_batches
+
+
+def test_speed_reference_is_the_084a4ca_job():
+    """The work of `make run` at 084a4ca (issue 11's time bar), nothing added since."""
+    default = load(os.path.join(ROOT, "configs", "fashion_mnist_enresnet.py")).get_config()
+    ref = load(os.path.join(ROOT, "configs", "fashion_mnist_speed_reference.py")).get_config()
+    assert ref.pipeline.models == ("float,tradeoff", "ternary,tradeoff", "4bit,tradeoff",
+                                   "ternary,pgd", "int8_qat,tradeoff")
+    assert ref.pipeline.stages == ("train", "evaluate", "export", "benchmark")
+    assert ref.eval.attacks == ("fgsm", "ifgsm20", "pgd20", "cw")
+    assert ref.eval.eot_attacks == ("pgd20",)
+    assert ref.export.formats == ("float32", "dynamic_int8", "full_int8")
+    for arg in ref.pipeline.models:
+        assert not pipeline.model_config(ref, arg, "/tmp/p").sparsity.enabled
+    # Data, model, training and fine-tuning as in the default.
+    for section in ("data", "model", "adv", "optim", "quant"):
+        assert ref[section].to_dict() == default[section].to_dict(), section
+    assert ref.pipeline.finetune.to_dict() == default.pipeline.finetune.to_dict()
+    assert ref.eval.max_examples == default.eval.max_examples
+    assert ref.eval.eot_samples == default.eval.eot_samples
