@@ -26,6 +26,7 @@ distribution, and bn1 of the next block maps a zero channel to a non-zero consta
 
 import numpy as np
 
+from brkeras.nn import graph
 from brkeras._keras import keras
 
 
@@ -170,8 +171,7 @@ def prune_blocks(model):
 
 
 def _input_tensors(layer):
-    t = layer.inbound_nodes[0].input_tensors
-    return list(t) if isinstance(t, (list, tuple)) else [t]
+    return graph.flat(layer.inbound_nodes[0].input_tensors)
 
 
 def _droppable(model, p, report):
@@ -206,23 +206,15 @@ def _without_blocks(model, prefixes):
     adds = {p + "add" for p in prefixes}
     new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
                             name=model.inputs[0].name.split(":")[0])
-    mapped = {id(model.inputs[0]): new_input}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or layer.name in skip:
-            continue
-        node = layer.inbound_nodes[0]
-        ins = node.input_tensors
-        flat = list(ins) if isinstance(ins, (list, tuple)) else [ins]
-        if layer.name in adds:
-            conv2 = model.get_layer(layer.name[:-len("add")] + "conv2")
-            out = [mapped[id(t)] for t in flat if t is not conv2.output][0]
-        else:
-            args = [mapped[id(t)] for t in flat]
-            out = layer(args if isinstance(ins, (list, tuple)) else args[0])
-        outs = node.output_tensors
-        for old, nt in zip(outs if isinstance(outs, (list, tuple)) else [outs],
-                           out if isinstance(out, (list, tuple)) else [out]):
-            mapped[id(old)] = nt
+
+    def shortcut_only(layer, node, args):
+        if layer.name not in adds:
+            return None
+        conv2 = model.get_layer(layer.name[:-len("add")] + "conv2")
+        return [a for t, a in zip(graph.flat(node.input_tensors), args) if t is not conv2.output][0]
+
+    sites = [(l, n) for l, n in graph.call_sites(model) if l.name not in skip]
+    mapped = graph.replay(sites, {id(model.inputs[0]): new_input}, shortcut_only)
     joined = keras.Model(new_input, mapped[id(model.outputs[0])], name=model.name)
     # Fresh layers with one inbound node each (the shared ones now have two).
     out = keras.models.clone_model(joined)

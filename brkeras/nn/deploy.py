@@ -11,12 +11,9 @@ so XNNPACK delegates the rest as one partition.
 import numpy as np
 
 from brkeras.errors import ExportError
+from brkeras.nn import graph
 from brkeras.nn import layers as layers_lib
 from brkeras._keras import keras
-
-
-def _flat(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def deploy_model(model, batch_size=1):
@@ -44,23 +41,16 @@ def deploy_model(model, batch_size=1):
     sizes = [int(batch_size) * int(np.prod(l.output_shape[1:])) for l in noise]
     bank = layers_lib.NoiseBank(sizes, pools.pop(), name="noise_bank")(inp)
     slot = {l.name: bank[i] for i, l in enumerate(noise)}
-    new = {id(model.inputs[0]): inp}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        nodes = [n for n in layer.inbound_nodes
-                 if all(id(t) in new for t in _flat(n.input_tensors))]
-        if len(nodes) != 1:
-            raise ExportError(f"layer {layer.name}: {len(nodes)} call sites in the model; "
-                              "deploy_model handles layers called once")
-        node = nodes[0]
-        args = [new[id(t)] for t in _flat(node.input_tensors)]
-        args = args if isinstance(node.input_tensors, (list, tuple)) else args[0]
+    try:
+        sites = graph.call_sites(model)
+    except ValueError as e:
+        raise ExportError(f"deploy_model: {e}") from None
+
+    def to_deploy(layer, node, args):
         if layer.name in slot:
-            out = layers_lib.AddScaledNoise(layer.sigma, name=layer.name)([args, slot[layer.name]])
-        else:
-            out = layer(args)
-        for old, nt in zip(_flat(node.output_tensors), _flat(out)):
-            new[id(old)] = nt
+            return layers_lib.AddScaledNoise(layer.sigma, name=layer.name)([args, slot[layer.name]])
+        return None
+
+    new = graph.replay(sites, {id(model.inputs[0]): inp}, to_deploy)
     return keras.Model(inp, [new[id(t)] for t in model.outputs] if len(model.outputs) > 1
                        else new[id(model.outputs[0])], name=model.name + "_deploy")

@@ -61,6 +61,7 @@ from typing import Callable
 
 import numpy as np
 
+from brkeras.nn import graph
 from brkeras.nn import layers as layers_lib
 from brkeras.quant import binary_relax
 from brkeras.quant import sparsity
@@ -153,10 +154,6 @@ def run_attack(name, settings, model_fn, x, y, eot):
     return ATTACKS[name].run(model_fn, x, y, settings, eot)
 
 
-def _flat(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def _noise_layers(net):
     return [l for l in net.layers if isinstance(l, (layers_lib.FeynmanKacNoise,
                                                     layers_lib.AddScaledNoise)) and l.sigma > 0]
@@ -179,31 +176,22 @@ def split_at_noise(net, check_x=None):
     noise = {id(l) for l in _noise_layers(net)}
     if not noise or len(getattr(net, "inputs", []) or []) != 1 or len(net.outputs) != 1:
         return None
-    known, noisy, cut, nodes = {id(net.inputs[0])}, set(), [], []
-    for layer in net.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        mine = [n for n in layer.inbound_nodes
-                if all(id(t) in known for t in _flat(n.input_tensors))]
-        if len(mine) != 1:
-            return None
-        node = mine[0]
-        ins, outs = _flat(node.input_tensors), _flat(node.output_tensors)
+    try:
+        sites = graph.call_sites(net)
+    except ValueError:  # a layer called more than once
+        return None
+    noisy, cut, after = set(), [], []
+    for layer, node in sites:
+        ins = graph.flat(node.input_tensors)
         if id(layer) in noise or any(id(t) in noisy for t in ins):
             cut += [t for t in ins if id(t) not in noisy and all(t is not c for c in cut)]
-            nodes.append((layer, node))
-            noisy.update(id(t) for t in outs)
-        known.update(id(t) for t in outs)
+            after.append((layer, node))
+            noisy.update(id(t) for t in graph.flat(node.output_tensors))
     if id(net.outputs[0]) not in noisy:
         return None
     prefix = keras.Model(net.inputs, cut, name=net.name + "_prefix")
     inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in cut]
-    new = {id(t): i for t, i in zip(cut, inputs)}
-    for layer, node in nodes:
-        args = [new[id(t)] for t in _flat(node.input_tensors)]
-        out = layer(args if isinstance(node.input_tensors, (list, tuple)) else args[0])
-        for old, nt in zip(_flat(node.output_tensors), _flat(out)):
-            new[id(old)] = nt
+    new = graph.replay(after, {id(t): i for t, i in zip(cut, inputs)})
     suffix = keras.Model(inputs, new[id(net.outputs[0])], name=net.name + "_suffix")
     if check_x is not None:
         layers = _noise_layers(net)
@@ -213,7 +201,7 @@ def split_at_noise(net, check_x=None):
                 l.sigma = 0.0  # the noise layers become the identity (eager calls)
             xc = tf.constant(check_x, tf.float32)
             a = net(xc, training=False).numpy()
-            b = suffix(_flat(prefix(xc, training=False)), training=False).numpy()
+            b = suffix(graph.flat(prefix(xc, training=False)), training=False).numpy()
         finally:
             for l, s in zip(layers, sigmas):
                 l.sigma = s
@@ -240,7 +228,7 @@ class StochasticModel:
         split = split_at_noise(net, check_x) if self.draws > 1 else None
         if split is not None:
             prefix, suffix = split
-            self.eot_split = (lambda x: _flat(prefix(x, training=False)),
+            self.eot_split = (lambda x: graph.flat(prefix(x, training=False)),
                               lambda h: suffix(h, training=False), classes)
         else:
             self.eot_split = (lambda x: [x], lambda h: net(h[0], training=False), classes)
