@@ -16,18 +16,14 @@ clone of 084a4ca running `make run`, in one sitting, is what issue 11's
 README.md ("Training speed and bfloat16").
 """
 
-import importlib.util
 import os
 
 from brkeras.run import config as config_lib
 
 
 def _default_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_enresnet.py")
-    spec = importlib.util.spec_from_file_location("fashion_mnist_enresnet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.from_file(
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_enresnet.py"))
 
 
 def get_config(arg=None):

@@ -5,6 +5,9 @@ command line overrides them again (`--config.adv.eps=0.05`). Every reference
 choice of SPEC sections 1-5 is a named field here, with the reference default.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 PRECISIONS = ("float", "binary", "ternary", "ternary_twn", "4bit", "kbit", "int8_qat")
@@ -220,6 +223,16 @@ def phase2_epoch(c):
     if c.quant.phase2_fraction >= 0:
         return int(round(c.quant.phase2_fraction * c.optim.epochs))
     return int(c.quant.phase2_epoch)
+
+
+def from_file(path, arg=None):
+    """`get_config(arg)` of the config file at `path` (a Python file, as --config takes),
+    so one config can start from another's ConfigDict."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def apply_arg(c, arg):
