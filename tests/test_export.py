@@ -95,8 +95,42 @@ def ternary_files(tmp_path_factory):
     x, y = data()
     m, quant = quantized_trained(x, y, 1, seed=3)
     out = tmp_path_factory.mktemp("tern")
-    entries = deploy_export.export_model(m, str(out), "det", quant, x[:50], x, y, noise=False)
+    # With names: the checks below find each layer's filter by its tensor name.
+    entries = deploy_export.export_model(m, str(out), "det", quant, x[:50], x, y, noise=False,
+                                         strip=False)
     return m, quant, out, entries
+
+
+def test_stripped_files_compute_the_same_without_names(ternary_files, tmp_path):
+    m, quant, named_dir, named = ternary_files
+    x, y = data()
+    stripped = deploy_export.export_model(m, str(tmp_path), "det", quant, x[:50], x, y,
+                                          noise=False)  # strip=True, the default
+    by_fmt = {e["format"]: e for e in named}
+    for e in stripped:
+        ref = by_fmt[e["format"]]
+        b = (tmp_path / e["file"]).read_bytes()
+        rb = (named_dir / ref["file"]).read_bytes()
+        mo, ro = (flatbuffer._read(v) for v in (b, rb))
+        assert all(t.name is None for t in mo.subgraphs[0].tensors)
+        assert any(t.name for t in ro.subgraphs[0].tensors)
+        # Same graph and weights: ops, tensor types, shapes, scales and buffers.
+        assert [o.opcodeIndex for o in mo.subgraphs[0].operators] == \
+            [o.opcodeIndex for o in ro.subgraphs[0].operators]
+        for t, r in zip(mo.subgraphs[0].tensors, ro.subgraphs[0].tensors):
+            assert (t.type, list(t.shape)) == (r.type, list(r.shape))
+            assert bytes(mo.buffers[t.buffer].data if mo.buffers[t.buffer].data is not None
+                         else b"") == bytes(ro.buffers[r.buffer].data
+                                            if ro.buffers[r.buffer].data is not None else b"")
+        np.testing.assert_array_equal(parity.tflite_logits(b, x[:20]),
+                                      parity.tflite_logits(rb, x[:20]))
+        assert e["zipped_bytes"] < ref["zipped_bytes"] and e["size_bytes"] < ref["size_bytes"]
+        assert e["storage"] == ref["storage"] and e["macs"] == ref["macs"]
+        # The signature def stays: a signature runner still finds the input.
+        from ai_edge_litert.interpreter import Interpreter
+        runner = Interpreter(model_content=b).get_signature_runner()
+        out = runner(**{next(iter(runner.get_input_details())): x[:1]})
+        assert next(iter(out.values())).shape == (1, 4)
 
 
 def test_exact_levels_recovers_units():

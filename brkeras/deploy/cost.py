@@ -21,6 +21,8 @@ import numpy as np
 from brkeras._keras import keras, tf  # noqa: F401
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 
+from brkeras.deploy.flatbuffer import tensor_name
+
 COST_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
@@ -83,7 +85,7 @@ def tflite_macs(tflite_bytes):
         bi = int(op.inputs[2]) if len(op.inputs) > 2 else -1
         nw = math.prod(w)
         nb = math.prod(_shape(bi)) if bi >= 0 else 0
-        per_op.append(dict(op=name, op_index=oi, name=sg.tensors[int(op.outputs[0])].name.decode(),
+        per_op.append(dict(op=name, op_index=oi, name=tensor_name(sg.tensors[int(op.outputs[0])]),
                            filter_shape=w, output_shape=out, macs=int(n), weights=int(nw),
                            params=int(nw + nb)))
         macs += n

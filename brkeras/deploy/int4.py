@@ -32,6 +32,8 @@ from brkeras._keras import tf  # noqa: F401  (TF chosen through brkeras)
 from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E402
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 
+from brkeras.deploy.flatbuffer import tensor_name
+
 INT4 = schema_fb.TensorType.INT4
 _INT8 = schema_fb.TensorType.INT8
 _INT32 = schema_fb.TensorType.INT32
@@ -198,7 +200,7 @@ def to_int4(tflite_bytes, max_level=None, ops=INT4_OPS, stretch=False):
             ti = int(op.inputs[1])
             t = sg.tensors[ti]
             bi = int(op.inputs[2]) if len(op.inputs) > 2 else -1
-            e = dict(op=name, op_index=oi, subgraph=si, tensor=ti, name=t.name.decode(),
+            e = dict(op=name, op_index=oi, subgraph=si, tensor=ti, name=tensor_name(t),
                      shape=[int(s) for s in t.shape], rewritten=False, reason=None, m=None,
                      mult=None, max_k=None, bias_rescaled=False)
             entries.append(e)
@@ -271,6 +273,6 @@ def int4_tensors(tflite_bytes):
             shape = [int(s) for s in t.shape]
             lv = unpack_int4(raw, math.prod(shape)).reshape(shape)
             scales, _, _ = _qparams(t)
-            out.append(dict(subgraph=si, tensor=ti, name=t.name.decode(), shape=shape,
+            out.append(dict(subgraph=si, tensor=ti, name=tensor_name(t), shape=shape,
                             levels=lv, scales=None if scales is None else scales.astype(np.float32)))
     return out

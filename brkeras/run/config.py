@@ -141,6 +141,8 @@ def base_config():
     # Formats whose failed parity check drops the file (listed in export.json
     # under "dropped", with the reason) instead of failing the whole export.
     c.export.optional_formats = ()
+    # Files without tensor names (deploy/flatbuffer.strip_names); False for a viewer.
+    c.export.strip_names = True
 
     c.bench = ml_collections.ConfigDict()
     c.bench.threads = (1, 2)

@@ -74,7 +74,8 @@ def export(workdir, x_rep=None, x_test=None, y_test=None, formats=None, prune=No
             min_agreement=min_agreement, min_agreement_full_int8=full,
             max_accuracy_drop_full_int8=drop, noise_runs=noise_runs,
             noise_examples=noise_examples,
-            optional_formats=tuple(config.export.get("optional_formats", ())))
+            optional_formats=tuple(config.export.get("optional_formats", ())),
+            strip_names=bool(config.export.get("strip_names", True)))
         for e in result["files"]:
             e.pop("path")  # the temp dir's; the files move to export/
         result = dict(workdir=os.path.abspath(workdir), **result)
