@@ -2,7 +2,8 @@
 
 Run by hand (not a test):
   .venv/bin/python bench/step_time.py [--steps=3] [--batch=128] [--depth=20]
-      [--policies=float32,auto] [--natural]
+      [--width=16] [--input=32,32,3] [--policies=float32,auto] [--natural]
+  (the default Fashion-MNIST model: --depth=8 --width=8 --input=28,28,1)
 Prints one table, measured in one run, and the ratios that count. Every cell is
 built and warmed up first, then the timed steps go round-robin over the cells
 (one step of each in turn), so a change of machine load hits every cell alike;
@@ -43,6 +44,8 @@ from brkeras._keras import keras, tf  # noqa: E402
 STEPS = flags.DEFINE_integer("steps", 3, "timed steps per cell (after 2 warm-up steps)")
 BATCH = flags.DEFINE_integer("batch", 128, "batch size")
 DEPTH = flags.DEFINE_integer("depth", 20, "ResNet depth")
+WIDTH = flags.DEFINE_integer("width", 16, "channels of the first stage (x2 per stage)")
+INPUT = flags.DEFINE_list("input", ["32", "32", "3"], "input height, width, channels")
 POLICIES = flags.DEFINE_list("policies", ["float32", "auto"],
                              "dtype policies (precision.POLICIES); auto is resolved and "
                              "duplicates dropped")
@@ -59,9 +62,16 @@ VARIANTS = (  # name, config.model fields, precision
 )
 
 
+def _input_shape():
+    shape = tuple(int(v) for v in INPUT.value)
+    if len(shape) != 3 or min(shape) < 1:
+        raise app.UsageError(f"--input={','.join(INPUT.value)}: give height,width,channels")
+    return shape
+
+
 def _batch(batch):
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(size=(batch, 32, 32, 3)).astype(np.float32))
+    x = tf.constant(rng.uniform(size=(batch,) + _input_shape()).astype(np.float32))
     y = tf.constant(rng.integers(0, 10, size=batch).astype(np.int32))
     return x, y
 
@@ -70,12 +80,13 @@ def brkeras_step(model_fields, quant, loss_name, policy, batch):
     """A callable running one brkeras train step (a tf.function of AdversarialModel.train_step)."""
     c = config_lib.base_config()
     c.model.depth = DEPTH.value
+    c.model.width = WIDTH.value
     for k, v in model_fields.items():
         c.model[k] = v
     c.quant.precision = quant
     keras.utils.set_random_seed(0)
     with precision.policy_scope(policy):  # as run.train.train applies it
-        net = train_lib.build_network(c, (32, 32, 3), 10)
+        net = train_lib.build_network(c, _input_shape(), 10)
     trainer = adversarial_model.AdversarialModel(net, losses.get(loss_name), eps=EPS,
                                                  eps_iter=ALPHA, steps=K, weight_decay=5e-4)
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
@@ -100,11 +111,11 @@ def lean_step(policy, sigma, batch, depth, natural=False):
         train_vars.extend([gamma, beta])
         return gamma, beta
 
-    n = (depth - 2) // 6
-    stem = var([3, 3, 3, 16], np.sqrt(2 / (9 * 16)))
-    blocks, cin = [], 16
+    n, w = (depth - 2) // 6, WIDTH.value
+    stem = var([3, 3, _input_shape()[2], w], np.sqrt(2 / (9 * w)))
+    blocks, cin = [], w
     for s in range(3):
-        c = 16 * 2 ** s
+        c = w * 2 ** s
         for b in range(n):
             stride = 2 if s > 0 and b == 0 else 1
             blk = dict(stride=stride, bn1=bn(cin), conv1=var([3, 3, cin, c], np.sqrt(2 / (9 * c))),
@@ -176,10 +187,22 @@ def lean_step(policy, sigma, batch, depth, natural=False):
     return lambda: float(step(x, y))
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "CPU model unknown"
+
+
 def _machine():
     flags_ = precision.cpu_flags()
     bf16 = [f for f in precision.BF16_CPU_FLAGS if f in flags_]
-    return (f"{os.cpu_count()} CPU cores, AVX-512 {'yes' if 'avx512f' in flags_ else 'no'}, "
+    return (f"{_cpu_model()}, {os.cpu_count()} CPU cores, "
+            f"AVX-512 {'yes' if 'avx512f' in flags_ else 'no'}, "
             f"bf16 flags {bf16 or 'none'}, TF {tf.__version__}")
 
 
@@ -195,7 +218,8 @@ def main(_):
         if name not in policies:
             policies.append(name)
     default = precision.resolve("auto")
-    print(f"batch {BATCH.value}, ResNet{DEPTH.value}, 32x32x3, PGD-{K}, median of "
+    print(f"batch {BATCH.value}, ResNet{DEPTH.value} width {WIDTH.value}, "
+          f"{'x'.join(map(str, _input_shape()))}, PGD-{K}, median of "
           f"{STEPS.value} round-robin steps; {_machine()}; auto -> {default}", flush=True)
     loss_names = ["pgd"] + (["natural"] if NATURAL.value else [])
     cells = {}  # (kind, name, policy, loss) -> step callable
