@@ -187,6 +187,11 @@ def lean_step(policy, sigma, batch, depth, natural=False):
     return lambda: float(step(x, y))
 
 
+def _label(name):
+    """A cell's name with the depth actually timed (the cells are named for ResNet20)."""
+    return name.replace("ResNet20", f"ResNet{DEPTH.value}")
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -214,10 +219,10 @@ def main(_):
     tf.get_logger().setLevel("ERROR")  # one tf.function per cell: no retracing warnings
     policies = []
     for p in POLICIES.value:
-        name = precision.resolve(p)
+        name = precision.resolve(p, width=WIDTH.value)
         if name not in policies:
             policies.append(name)
-    default = precision.resolve("auto")
+    default = precision.resolve("auto", width=WIDTH.value)
     print(f"batch {BATCH.value}, ResNet{DEPTH.value} width {WIDTH.value}, "
           f"{'x'.join(map(str, _input_shape()))}, PGD-{K}, median of "
           f"{STEPS.value} round-robin steps; {_machine()}; auto -> {default}", flush=True)
@@ -265,7 +270,7 @@ def main(_):
                     cols = [f"{w / plain[0]:.2f}",
                             f"{w / lean[0]:.2f}" if lean and kind == "brkeras" else "",
                             f"{w / ref[0]:.2f}" if ref else ""]
-                    print(f"| {kind} {key[1]} | {policy} | {w:.2f} | {c:.2f} | " + " | ".join(cols) + " |")
+                    print(f"| {kind} {_label(key[1])} | {policy} | {w:.2f} | {c:.2f} | " + " | ".join(cols) + " |")
         print()
         for policy in policies:
             plain = med[("brkeras", "ResNet20 (sigma 0)", policy, loss_name)]
@@ -282,7 +287,7 @@ def main(_):
                       f"wall, {plain[1] / lean[1]:.2f} CPU")
         if ref and default in policies:
             noisy = med[("brkeras", "EnResNet20 (default noise)", default, loss_name)]
-            print(f"{step_name}: EnResNet20 (default noise, policy auto = {default}) / lean float32 "
+            print(f"{step_name}: {_label('EnResNet20')} (default noise, policy auto = {default}) / lean float32 "
                   f"exact noise = {noisy[0] / ref[0]:.2f} wall, {noisy[1] / ref[1]:.2f} CPU "
                   "(goal <= 0.6)")
         print()

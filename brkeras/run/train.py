@@ -373,7 +373,8 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
 
     with strategy.scope():
         with precision.policy_scope(precision.for_precision(  # bf16 layers, float32 variables
-                config.optim.get("dtype_policy", "float32"), config.quant.precision)):
+                config.optim.get("dtype_policy", "float32"), config.quant.precision,
+                width=config.model.width)):
             net = build_network(config, info.image_shape, info.num_classes, init_weights)
         optimizer = make_optimizer(config, steps)
         trainer = AdversarialModel(
