@@ -149,8 +149,9 @@ def strip_names(tflite_bytes):
     signature defs are kept (their keys are the API of a signature runner).
 
     The operators, tensors, buffers and quantization parameters are untouched, so
-    the file computes exactly what it did. Names are about 10% of a small model's
-    zipped file. Weight checks that find a layer by tensor name
+    the file computes exactly what it did. On the default Fashion-MNIST model the
+    names were 0.7 of 10.05 KB of the zipped pruned ternary file (0.8 of 23.7 KB of
+    the float one). Weight checks that find a layer by tensor name
     (weights_by_layer) must run before this.
     """
     mo = _read(tflite_bytes)
