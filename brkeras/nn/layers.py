@@ -141,9 +141,10 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     For any x dtype the whole map runs in float32 (`moments`, the draw, x + p,
     and the pullback) and the result is rounded once to x's dtype: under a mixed
     bfloat16 policy TF's elementwise bfloat16 kernels cost more than a cast to
-    float32 and back (fwd + bwd of ResNet20's nine residual tensors, batch 128:
-    53 ms with the arithmetic in bfloat16, 36 ms this way; float32 inputs: no
-    cast, 37-39 ms). A constant x (std = 0) gets no noise and the gradient g.
+    float32 and back (fwd + bwd of ResNet20's nine residual tensors, batch 128,
+    Intel Xeon: 53 ms with the arithmetic in bfloat16, 36-41 ms this way; float32
+    inputs, no cast: 38-43 ms). A constant x (std = 0) gets no noise and the
+    gradient g.
     sigma = 0 returns x itself (no random op).
     """
     _check(sigma, pool)
