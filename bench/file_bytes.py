@@ -13,10 +13,8 @@ also prints their per-tensor entropy, the size an ideal entropy coder would give
 them, and the zipped size of the file with that coding instead of deflate's.
 """
 
-import io
 import os
 import sys
-import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,17 +22,11 @@ import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
 from brkeras._keras import tf  # noqa: E402,F401  (TF chosen through brkeras)
+from brkeras.deploy.cost import zipped_size as zipped  # noqa: E402  (the pipeline's measure)
 from tensorflow.lite.python import schema_py_generated as schema_fb  # noqa: E402
 from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 
 _INT8, _INT32 = schema_fb.TensorType.INT8, schema_fb.TensorType.INT32
-
-
-def zipped(data):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("model.tflite", bytes(data))
-    return len(buf.getvalue())
 
 
 def _values(mo, t):

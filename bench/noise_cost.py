@@ -1,6 +1,7 @@
 """Cost of ways to draw the Feynman-Kac noise, per element, as ratios. Run by hand:
 
     .venv/bin/python bench/noise_cost.py [--batch 128] [--runs 3] [--rounds 5]
+        [--dtype bfloat16] [--only layer,identity]
 
 Each candidate computes y = x + sigma * std(x) * n (std by tf.math.reduce_std,
 gradients by autodiff, as the layer did before its hand-written gradient) on the nine residual outputs of
@@ -121,10 +122,12 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="calls per timing")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timings, best kept")
     parser.add_argument("--only", default="", help="comma-separated substrings of candidate names")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of the residual tensors (bfloat16: a mixed policy's layers)")
     args = parser.parse_args()
     shapes = [[args.batch, 32, 32, 16]] * 3 + [[args.batch, 16, 16, 32]] * 3 + [[args.batch, 8, 8, 64]] * 3
-    xs = [tf.random.normal(s) for s in shapes]
-    gs = [tf.random.normal(s) for s in shapes]
+    xs = [tf.cast(tf.random.normal(s), args.dtype) for s in shapes]
+    gs = [tf.cast(tf.random.normal(s), args.dtype) for s in shapes]
     elems = sum(math.prod(s) for s in shapes)
 
     maps = {name: (lambda noise: lambda x: x + noise(tf.shape(x), SIGMA * tf.math.reduce_std(x)))(noise)
@@ -163,7 +166,7 @@ def main():
             for name, v in fns.items()]
 
     base_f, base_fb = rows[0][1], rows[0][2]  # the first row is the reference
-    print(f"{elems / 1e6:.2f}M noise elements per forward (ResNet20, batch {args.batch}), "
+    print(f"{elems / 1e6:.2f}M {args.dtype} noise elements per forward (ResNet20, batch {args.batch}), "
           f"best of {args.rounds} x {args.runs} calls, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     print(f"{'candidate':28s} {'fwd ns/el':>10s} {'ratio':>6s} {'f+b ns/el':>10s} {'ratio':>6s}")
     for name, f, fb, err in rows:

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from brkeras.deploy import latency  # noqa: E402
 from brkeras.robust import losses  # noqa: E402
 from brkeras.run import config as config_lib  # noqa: E402
 from brkeras.run import train as train_lib  # noqa: E402
@@ -192,21 +193,10 @@ def _label(name):
     return name.replace("ResNet20", f"ResNet{DEPTH.value}")
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "CPU model unknown"
-
-
 def _machine():
     flags_ = precision.cpu_flags()
     bf16 = [f for f in precision.BF16_CPU_FLAGS if f in flags_]
-    return (f"{_cpu_model()}, {os.cpu_count()} CPU cores, "
+    return (f"{latency.host_info()['cpu']}, {os.cpu_count()} CPU cores, "
             f"AVX-512 {'yes' if 'avx512f' in flags_ else 'no'}, "
             f"bf16 flags {bf16 or 'none'}, TF {tf.__version__}")
 
