@@ -45,6 +45,15 @@ def quantized_from_model(model, layer_names, kmax):
     return out
 
 
+def shipped_bytes(tflite_bytes, noisy, fresh_noise_seed=True, strip=True):
+    """The bytes written for a converted file: a noisy file's random ops unseeded (a
+    fresh draw per run, unseed_random_ops) and, with strip, no tensor names
+    (strip_names). Both run after every check that reads seeds or names."""
+    if noisy and fresh_noise_seed:
+        tflite_bytes = unseed_random_ops(tflite_bytes)
+    return strip_names(tflite_bytes) if strip else tflite_bytes
+
+
 def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
                  formats=FORMATS, pruned=False, min_agreement=0.995, noise_runs=3,
                  noise_examples=200, fresh_noise_seed=True, deploy=None, optional=(),
@@ -87,10 +96,7 @@ def export_model(model, out_dir, stem, quantized, x_rep, x_test, y_test, noise,
         else:
             b = f32 if fmt == "float32" else exact_int8(fmt)
             wcheck = check_weights(b, f32, quantized) if quantized else {}
-        if noise and fresh_noise_seed:
-            b = unseed_random_ops(b)
-        if strip:
-            b = strip_names(b)
+        b = shipped_bytes(b, noise, fresh_noise_seed, strip)
         bad = [k for k, v in wcheck.items() if not v["exact"]]
         if bad:
             raise ExportError(f"{stem}_{fmt}: quantized layers not exact after conversion: "
@@ -199,11 +205,8 @@ def export_qat(model, out_dir, stem, x_test, y_test, noise, min_agreement=0.995,
                noise_examples=200, fresh_noise_seed=True, deploy=None, strip=True):
     """One int8 file ("qat_int8") of a tfmot QAT model, with the parity check of export_model."""
     os.makedirs(out_dir, exist_ok=True)
-    b = convert_qat(model if deploy is None else deploy)
-    if noise and fresh_noise_seed:
-        b = unseed_random_ops(b)
-    if strip:
-        b = strip_names(b)
+    b = shipped_bytes(convert_qat(model if deploy is None else deploy), noise,
+                      fresh_noise_seed, strip)
     path = os.path.join(out_dir, f"{stem}_qat_int8.tflite")
     with open(path, "wb") as fh:
         fh.write(b)
