@@ -10,7 +10,9 @@ tf.function; "fwd" times y, "fwd+bwd" times y and dL/dx for L = sum(y * g). The
 table gives ns per element and the ratio to the exact `tf.random.normal` path.
 The "layer" rows are brkeras' FeynmanKacNoise map itself (nn/layers.py: float32
 moments, Box-Muller draws, the hand-written gradient), to compare with the
-autodiff rows of the same draw ("pool=8 (default)", "normal (exact, pool=1)").
+autodiff rows of the same draw ("pool=8 (default)", "normal (exact, pool=1)"), and
+"layer pool=8, XLA-fused" the same map with all but the draws compiled by XLA
+into two fusions (forward, pullback), to see what fusing the passes would buy.
 """
 
 import argparse
@@ -101,10 +103,52 @@ def candidates():
     return c
 
 
+def _pooled_noise(x, z, rows, cols):
+    """p = sigma std(x) n with the pooled n of layers.scaled_noise, from given draws."""
+    n = tf.size(x)
+    var = tf.reduce_mean(tf.math.squared_difference(x, tf.reduce_mean(x)))
+    return SIGMA * tf.sqrt(var) * tf.reshape(tf.reshape(z * rows * cols, [-1])[:n], tf.shape(x))
+
+
+@tf.function(jit_compile=True)
+def _xla_forward(x, z, rows, cols):
+    return x + _pooled_noise(x, z, rows, cols)
+
+
+@tf.function(jit_compile=True)
+def _xla_backward(g, x, z, rows, cols):
+    p = _pooled_noise(x, z, rows, cols)  # recomputed inside the fusion, not stored
+    var = tf.reduce_mean(tf.math.squared_difference(x, tf.reduce_mean(x)))
+    c = tf.math.divide_no_nan(tf.reduce_sum(g * p), tf.cast(tf.size(x), tf.float32) * var)
+    return g + c * (x - tf.reduce_mean(x))
+
+
+def xla_fused(pool):
+    """The layer's map with the draws in TF kernels and everything else (moments,
+    the pooled product, x + p and the hand-written pullback) in two XLA fusions:
+    what a fused kernel would save, short of writing one (float32 inside, as the layer)."""
+    def fn(x):
+        @tf.custom_gradient
+        def noisy(x):
+            q, r = layers.pool_layout(tf.size(x), pool)
+            z = tf.reshape(layers.standard_normal(q * r), tf.stack([1, q, r]))
+            rows = layers.random_signs(tf.stack([pool, q, 1]))
+            cols = layers.random_signs(tf.stack([pool, 1, r]))
+            xf = tf.cast(x, tf.float32)
+
+            def grad(g):
+                return tf.cast(_xla_backward(tf.cast(g, tf.float32), xf, z, rows, cols), g.dtype)
+            return tf.cast(_xla_forward(xf, z, rows, cols), x.dtype), grad
+        return noisy(x)
+    return fn
+
+
 def layer_candidates():
-    """brkeras' layer map (its own std and gradient), and the floor: no noise (y = x)."""
+    """brkeras' layer map (its own std and gradient), its XLA-fused twin, and the
+    floor: no noise (y = x)."""
     return {"layer pool=1 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 1),
             "layer pool=8 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 8),
+            "layer pool=8, XLA-fused": xla_fused(8),
             "identity (floor)": lambda x: x}
 
 
