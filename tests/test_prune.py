@@ -118,6 +118,20 @@ def test_params_and_macs(hand_built):
     assert rep["after"]["params"] == pm.count_params()
 
 
+def test_a_chain_group_sparsity_trains_but_names_miss_is_an_error():
+    # The same chain as a block's, under other names: group sparsity (graph) would
+    # shrink it, so pruning must not skip it silently.
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inp)
+    h = L.Conv2D(4, 3, padding="same", use_bias=False, name="a")(x)
+    h = L.ReLU(name="c")(L.BatchNormalization(name="b")(h))
+    h = L.Conv2D(4, 3, padding="same", use_bias=False, name="d")(h)
+    out = L.Dense(2)(L.GlobalAveragePooling2D()(L.Add()([x, h])))
+    m = keras.Model(inp, out)
+    with pytest.raises(ValueError, match=r"a -> b -> c -> d .*layer-name contract"):
+        prune.prune_blocks(m)
+
+
 def test_nothing_to_prune_keeps_model():
     keras.utils.set_random_seed(1)
     m = tiny_resnet()

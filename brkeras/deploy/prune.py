@@ -27,6 +27,7 @@ distribution, and bn1 of the next block maps a zero channel to a non-zero consta
 import numpy as np
 
 from brkeras.nn import graph
+from brkeras.quant import group_sparsity
 from brkeras._keras import keras
 
 
@@ -63,6 +64,17 @@ def block_prefixes(model):
         if not isinstance(layers[2], keras.layers.ReLU) or layers[2].get_config().get("threshold", 0):
             raise ValueError(f"{p}relu2 must be a plain keras.layers.ReLU")
         out.append(p)
+    # Group sparsity finds its chains from the graph (quant/group_sparsity.py); a chain
+    # it shrinks but these names miss would ship its zero channels unpruned.
+    named = {p + "conv2" for p in out}
+    unnamed = [g for g in group_sparsity.block_groups(model) if g.name not in named]
+    if unnamed:
+        chains = ", ".join(f"{g.conv1_name} -> {g.bn2.name} -> {g.relu2.name} -> {g.name}"
+                           for g in unnamed)
+        raise ValueError(f"private chains {chains} are not named p+'conv1', p+'bn2', p+'relu2', "
+                         "p+'conv2': group sparsity trains their channels, but prune_blocks "
+                         "finds blocks by the layer-name contract of docs/design.md; "
+                         "name the layers so")
     return out
 
 
