@@ -20,11 +20,13 @@ This is where latency differences are large enough to measure (ResNet20 runs in
 about a millisecond; the default Fashion-MNIST model in 0.05 ms, mostly per-op
 overhead). Accuracy on the proxy (10,000 + 2,000 JPEG-decoded CIFAR-10 images,
 see its PROVENANCE.txt) is not comparable to published CIFAR-10 numbers.
-Measured on the proxy (2026-12-02, 2 CPU cores, ~26 min; natural / EOT-PGD-20 on
-300 images; LiteRT 1-thread latency of the shipped noise-off file):
-  float 40.7 / 27.0, 0.155 ms; int8 QAT 43.0 / 26.3, 0.169 ms; ternary 45.3 / 26.7,
-  0.155 ms; ternary + sparsity 41.7 / 21.3 with 50% of the block channels (three
-  whole blocks) removed, 12.9M of 40.8M MACs, 0.085 ms (2.0x the QAT file's speed).
+Measured on the proxy (2026-12-03, 2 CPU cores (AMD EPYC), 26.4 min; natural /
+EOT-PGD-20 on 300 images; LiteRT 1-thread latency of the shipped noise-off file):
+  float 41.0 / 27.0, 0.171 ms; int8 QAT 43.0 / 26.3, 0.187 ms; ternary 45.3 / 26.7,
+  0.171 ms; ternary + sparsity 41.7 / 21.7 with 50% of the block channels (three
+  whole blocks) removed, 12.9M of 40.8M MACs, 0.094 ms (2.0x the QAT file's speed).
+  With --config.optim.dtype_policy=mixed_bfloat16 the accuracies moved by up to 2.7
+  points (README.md, "Training speed and bfloat16"), so the default stays float32.
 """
 
 from brkeras.run import config as config_lib
