@@ -104,23 +104,21 @@ def candidates():
 
 
 def _pooled_noise(x, z, rows, cols):
-    """p = sigma std(x) n with the pooled n of layers.scaled_noise, from given draws."""
-    n = tf.size(x)
-    var = tf.reduce_mean(tf.math.squared_difference(x, tf.reduce_mean(x)))
-    return SIGMA * tf.sqrt(var) * tf.reshape(tf.reshape(z * rows * cols, [-1])[:n], tf.shape(x))
+    """(p, mean, var, N): p = sigma std(x) n with the layer's pooled n from given draws."""
+    mean, var, n = layers.moments(x)
+    n_pool = layers._pooled(z, rows, cols, tf.size(x))  # pylint: disable=protected-access
+    return SIGMA * tf.sqrt(var) * tf.reshape(n_pool, tf.shape(x)), mean, var, n
 
 
 @tf.function(jit_compile=True)
 def _xla_forward(x, z, rows, cols):
-    return x + _pooled_noise(x, z, rows, cols)
+    return x + _pooled_noise(x, z, rows, cols)[0]
 
 
 @tf.function(jit_compile=True)
 def _xla_backward(g, x, z, rows, cols):
-    p = _pooled_noise(x, z, rows, cols)  # recomputed inside the fusion, not stored
-    var = tf.reduce_mean(tf.math.squared_difference(x, tf.reduce_mean(x)))
-    c = tf.math.divide_no_nan(tf.reduce_sum(g * p), tf.cast(tf.size(x), tf.float32) * var)
-    return g + c * (x - tf.reduce_mean(x))
+    p, mean, var, n = _pooled_noise(x, z, rows, cols)  # recomputed in the fusion, not stored
+    return g + tf.math.divide_no_nan(tf.reduce_sum(g * p), n * var) * (x - mean)
 
 
 def xla_fused(pool):

@@ -44,38 +44,39 @@ def _consumers(model, layer):
 
 
 def block_prefixes(model):
-    """Prefixes p with layers p+'conv1', p+'bn2', p+'relu2', p+'conv2' forming a private chain."""
+    """Prefixes p of the blocks whose private chain p+'conv1' -> p+'bn2' -> p+'relu2' ->
+    p+'conv2' prune_blocks can cut, sorted.
+
+    The chains are those group sparsity trains (group_sparsity.block_groups, found
+    from the graph); the names tie each to its block (bn1, add, shortcut for
+    whole-block removal). A chain without those names, or a name-matched chain
+    that is not a private Conv2D -> BatchNormalization -> ReLU -> Conv2D(3x3) of
+    this model, is an error: its channels would be trained to zero and shipped
+    unpruned, or pruned unsafely.
+    """
     names = {l.name for l in model.layers}
-    out = []
-    for n in sorted(names):
-        if not n.endswith("_conv1"):
-            continue
-        p = n[:-len("conv1")]
-        chain = [p + s for s in ("conv1", "bn2", "relu2", "conv2")]
-        if not all(c in names for c in chain):
-            continue
-        layers = [model.get_layer(c) for c in chain]
-        private = all([c.name for c in _consumers(model, a)] == [b.name]
-                      for a, b in zip(layers[:-1], layers[1:]))
-        private = private and _inbound_layers(layers[3]) == [layers[2]]
-        if not private:
-            raise ValueError(f"block {p}: conv1 -> bn2 -> relu2 -> conv2 is not a private chain; "
-                             "prune_blocks relies on the layer-name contract of docs/design.md")
-        if not isinstance(layers[2], keras.layers.ReLU) or layers[2].get_config().get("threshold", 0):
-            raise ValueError(f"{p}relu2 must be a plain keras.layers.ReLU")
-        out.append(p)
-    # Group sparsity finds its chains from the graph (quant/group_sparsity.py); a chain
-    # it shrinks but these names miss would ship its zero channels unpruned.
-    named = {p + "conv2" for p in out}
-    unnamed = [g for g in group_sparsity.block_groups(model) if g.name not in named]
+    out, unnamed = [], []
+    for g in group_sparsity.block_groups(model):
+        p = g.name[:-len("conv2")]
+        if (g.name.endswith("_conv2") and g.name in names
+                and [g.conv1_name, g.bn2.name, g.relu2.name] == [p + "conv1", p + "bn2", p + "relu2"]):
+            out.append(p)
+        else:
+            unnamed.append(g)
     if unnamed:
         chains = ", ".join(f"{g.conv1_name} -> {g.bn2.name} -> {g.relu2.name} -> {g.name}"
                            for g in unnamed)
         raise ValueError(f"private chains {chains} are not named p+'conv1', p+'bn2', p+'relu2', "
-                         "p+'conv2': group sparsity trains their channels, but prune_blocks "
-                         "finds blocks by the layer-name contract of docs/design.md; "
+                         "p+'conv2' in this model: group sparsity trains their channels, but "
+                         "prune_blocks finds blocks by the layer-name contract of docs/design.md; "
                          "name the layers so")
-    return out
+    for n in sorted(names):
+        p = n[:-len("conv1")]
+        if n.endswith("_conv1") and p + "conv2" in names and p not in out:
+            raise ValueError(f"block {p}: conv1 -> bn2 -> relu2 -> conv2 is not a private "
+                             "Conv2D -> BatchNormalization -> plain ReLU -> Conv2D(3x3) chain; "
+                             "prune_blocks relies on the layer-name contract of docs/design.md")
+    return sorted(out)
 
 
 def bn_of_zero(bn):
