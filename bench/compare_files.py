@@ -5,9 +5,10 @@ Run by hand (not a test):
       [--runs=100]
 
 Each round times `runs` invokes of every file in turn (batch 1, LiteRT,
-deploy.latency.time_invoke), so a change of the machine's speed during the run
-hits all files alike; the figure per file is the median over all its timed
-invokes, and every file's ratio is given against the first one. Say the machine
+deploy.latency.alternating_times, as the pipeline's benchmarks), so a change of
+the machine's speed during the run hits all files alike; the figure per file is
+the median over all its timed invokes, and every file's ratio is given against
+the first one. Say the machine
 and its load next to the numbers you quote.
 """
 
@@ -18,22 +19,19 @@ import statistics
 import numpy as np
 
 from brkeras.deploy import cost
-from brkeras.deploy.latency import host_info, time_invoke
+from brkeras.deploy.latency import alternating_times, host_info
 
 
 def compare(paths, threads=1, rounds=7, runs=100, warmup=20):
-    """{path: dict(median_ms, p90_ms, macs, bytes, zipped_bytes)} from alternating rounds."""
-    times = {p: [] for p in paths}
-    for r in range(int(rounds)):
-        order = paths if r % 2 == 0 else paths[::-1]  # no file always first
-        for p in order:
-            times[p].extend(time_invoke(p, threads, runs, warmup, seed=r))
+    """{path: dict(median_ms, p90_ms, macs, bytes, zipped_bytes)} from alternating rounds
+    (deploy.latency.alternating_times, as the pipeline's benchmarks)."""
+    times = alternating_times(paths, (threads,), runs * rounds, rounds, warmup)
     out = {}
     for p in paths:
         with open(p, "rb") as f:
             b = f.read()
-        out[p] = dict(median_ms=statistics.median(times[p]),
-                      p90_ms=float(np.percentile(times[p], 90)),
+        t = times[(p, int(threads))]
+        out[p] = dict(median_ms=statistics.median(t), p90_ms=float(np.percentile(t, 90)),
                       macs=cost.tflite_macs(b)["macs"], bytes=len(b),
                       zipped_bytes=cost.zipped_size(b))
     return out

@@ -81,6 +81,7 @@ def get_config(arg=None):
     c.export.min_agreement_full_int8 = 0.92
     c.export.optional_formats = ("full_int8", "int4")
     c.bench.runs = 300
+    c.bench.baseline_model = "int8_qat,tradeoff"  # speed-ups against tfmot's 8-bit QAT
 
     c.pipeline.models = ("float,tradeoff", "int8_qat,tradeoff", "ternary,tradeoff",
                          "ternary,tradeoff,sparse")

@@ -99,6 +99,7 @@ def get_config(arg=None):
     c.export.formats = ("float32", "dynamic_int8", "full_int8", "int4")
     c.export.optional_formats = ("full_int8", "int4")
     c.bench.runs = 200
+    c.bench.baseline_model = "int8_qat,tradeoff"  # speed-ups against tfmot's 8-bit QAT
 
     # The Binary-Relax models train with channel sparsity; the dense ternary model
     # is the comparison without it.

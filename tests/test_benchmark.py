@@ -14,6 +14,7 @@ from brkeras.deploy import latency
 from brkeras.deploy import export as deploy_export
 from brkeras.run import benchmark as run_benchmark
 from brkeras.run import export as run_export
+from brkeras.run import summary
 from brkeras.run import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +95,9 @@ def test_bench_json_schema(tmp_path):
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["results"] == b["results"]
     assert on_disk["host"]["cpu_count"] == os.cpu_count()
-    assert [(r["file"], r["threads"], r["runs"], r["size_bytes"]) for r in b["results"]] == \
-        [("det_float32.tflite", 1, 15, size), ("det_float32.tflite", 2, 15, size)]
+    assert [(r["file"], r["threads"], r["runs"], r["size_bytes"], r["rounds"])
+            for r in b["results"]] == [("det_float32.tflite", 1, 15, size, 5),
+                                       ("det_float32.tflite", 2, 15, size, 5)]
     for r in b["results"]:
         assert set(latency.RESULT_KEYS) <= set(r)
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] < 1000
@@ -105,6 +107,97 @@ def test_bench_json_schema(tmp_path):
         latency.benchmark_files([str(tmp_path / "export" / "det_float32.tflite")], threads=(0,))
     with pytest.raises(FileNotFoundError, match="brkeras export"):
         run_benchmark.benchmark(str(tmp_path / "nothing"), threads=(1,), runs=1)
+
+
+def _fake_timer(monkeypatch, ms_of):
+    """Replaces time_invoke by one that logs its calls and returns ms_of(path) per invoke."""
+    calls = []
+
+    def fake(path, num_threads=1, runs=200, warmup=20, seed=0):
+        calls.append((os.path.basename(os.path.dirname(os.path.dirname(path))) + "/" +
+                      os.path.basename(path), num_threads, runs, seed))
+        return [ms_of(path)] * runs
+
+    monkeypatch.setattr(latency, "time_invoke", fake)
+    return calls
+
+
+def test_alternating_times_interleaves_files_and_splits_the_runs(tmp_path, monkeypatch):
+    (tmp_path / "m" / "export").mkdir(parents=True)
+    a, b = (str(tmp_path / "m" / "export" / n) for n in ("a.tflite", "b.tflite"))
+    for p in (a, b):
+        open(p, "wb").close()
+    calls = _fake_timer(monkeypatch, lambda p: 1.0)
+    times = latency.alternating_times([a, b], threads=(1, 2), runs=7, rounds=3, warmup=0)
+    # round r: every thread count, the files in turn, reversed on odd rounds; 7 = 3 + 2 + 2
+    assert calls == [("m/a.tflite", 1, 3, 0), ("m/b.tflite", 1, 3, 0),
+                     ("m/a.tflite", 2, 3, 0), ("m/b.tflite", 2, 3, 0),
+                     ("m/b.tflite", 1, 2, 1), ("m/a.tflite", 1, 2, 1),
+                     ("m/b.tflite", 2, 2, 1), ("m/a.tflite", 2, 2, 1),
+                     ("m/a.tflite", 1, 2, 2), ("m/b.tflite", 1, 2, 2),
+                     ("m/a.tflite", 2, 2, 2), ("m/b.tflite", 2, 2, 2)]
+    assert {k: len(v) for k, v in times.items()} == {(a, 1): 7, (b, 1): 7, (a, 2): 7, (b, 2): 7}
+    calls.clear()
+    latency.alternating_times([a], runs=2, rounds=5, warmup=0)  # at most `runs` rounds
+    assert [c[2] for c in calls] == [1, 1]
+    with pytest.raises(ValueError, match="rounds"):
+        latency.alternating_times([a], rounds=0)
+    with pytest.raises(FileNotFoundError, match="brkeras export"):
+        latency.alternating_times([a, str(tmp_path / "missing.tflite")])
+
+
+def _model_dir(pipeline_dir, name, files):
+    """A model work dir whose export.json lists `files` [(file, format, noise, pruned)]."""
+    d = pipeline_dir / name / "export"
+    d.mkdir(parents=True)
+    for f, _, _, _ in files:
+        (d / f).write_bytes(b"tflite")
+    (pipeline_dir / name / "export.json").write_text(json.dumps({"files": [
+        dict(file=f, format=fmt, noise=noise, pruned=pruned, size_bytes=6)
+        for f, fmt, noise, pruned in files]}))
+
+
+def test_compare_models_times_the_shipped_files_side_by_side(tmp_path, monkeypatch):
+    _model_dir(tmp_path, "float", [("det_full_int8.tflite", "full_int8", False, False),
+                                   ("noisy_dynamic_int8.tflite", "dynamic_int8", True, False)])
+    _model_dir(tmp_path, "ternary", [("det_full_int8.tflite", "full_int8", False, False),
+                                     ("det_pruned_full_int8.tflite", "full_int8", False, True)])
+    _model_dir(tmp_path, "qat", [("det_qat_int8.tflite", "qat_int8", False, False)])
+    os.makedirs(tmp_path / "failed")  # a model whose export did not run: left out
+    ms = {"float": 2.0, "ternary": 0.5, "qat": 1.0}
+    calls = _fake_timer(monkeypatch, lambda p: ms[p.split(os.sep)[-3]])
+    names = ["float", "ternary", "qat", "failed"]
+    out = run_benchmark.compare_models(str(tmp_path), names, baseline="qat", threads=(1, 2),
+                                       runs=4, rounds=2)
+    # the pruned full int8 file is what the ternary model ships
+    assert {c[0] for c in calls} == {"float/det_full_int8.tflite", "qat/det_qat_int8.tflite",
+                                     "ternary/det_pruned_full_int8.tflite"}
+    assert [(r["model"], r["file"], r["threads"]) for r in out["results"]] == [
+        ("float", "det_full_int8.tflite", 1), ("float", "det_full_int8.tflite", 2),
+        ("ternary", "det_pruned_full_int8.tflite", 1),
+        ("ternary", "det_pruned_full_int8.tflite", 2),
+        ("qat", "det_qat_int8.tflite", 1), ("qat", "det_qat_int8.tflite", 2)]
+    assert [r["speedup"] for r in out["results"]] == [0.5, 0.5, 2.0, 2.0, 1.0, 1.0]
+    assert out["baseline"] == "qat" and out["rounds"] == 2 and out["runs"] == 4
+    assert json.loads((tmp_path / "latency.json").read_text()) == json.loads(json.dumps(out))
+    assert run_benchmark.comparison_is_current(str(tmp_path), names, "qat")
+    assert run_benchmark.comparison_is_current(str(tmp_path), names)  # baseline as stored
+    assert not run_benchmark.comparison_is_current(str(tmp_path), names, "float")
+    assert not run_benchmark.comparison_is_current(str(tmp_path), names[:2], "qat")
+    t = os.path.getmtime(tmp_path / "latency.json") + 5
+    os.utime(tmp_path / "ternary" / "export.json", (t, t))  # a newer export: timed again
+    assert not run_benchmark.comparison_is_current(str(tmp_path), names, "qat")
+    # the summary rows carry the side-by-side figures
+    row = summary.model_row(str(tmp_path), "ternary", out)
+    assert row["side_by_side_ms"] == {"1": 0.5, "2": 0.5}
+    assert row["speedup_vs_baseline"] == {"1": 2.0, "2": 2.0}
+    text = summary.markdown([row], out)
+    assert "| 0.500 / 0.500 | 2.00 / 2.00 |" in text and "baseline qat;" in text
+    assert summary.model_row(str(tmp_path), "failed", out)["side_by_side_ms"] is None
+    with pytest.raises(ValueError, match="baseline model 'failed' has no shipped file"):
+        run_benchmark.compare_models(str(tmp_path), names, baseline="failed", runs=1)
+    with pytest.raises(FileNotFoundError, match="export stage"):
+        run_benchmark.compare_models(str(tmp_path), ["failed"], runs=1)
 
 
 # ---- deploy/android/run_benchmark.sh prerequisites ----

@@ -145,6 +145,25 @@ def test_every_stage_output_exists(pipe):
         assert all(r["threads"] == 1 and r["runs"] == 3 for r in bench["results"])
 
 
+def test_shipped_files_are_timed_side_by_side(pipe):
+    label = "[pipeline] side-by-side latency of the shipped files"
+    assert f"{label} ..." in pipe["out1"]  # the float model's file alone: the other failed
+    assert f"{label} ..." in pipe["out2"]  # timed again: a second model has a file now
+    with open(os.path.join(pipe["dir"], "latency.json")) as f:
+        lat = json.load(f)
+    assert lat["baseline"] == DIRS[0]  # smoke's bench.baseline_model is "": the first
+    assert [(r["model"], r["file"], r["threads"], r["runs"]) for r in lat["results"]] == [
+        (d, "det_dynamic_int8.tflite", 1, 3) for d in DIRS]
+    assert lat["results"][0]["speedup"] == 1.0
+    assert lat["results"][1]["speedup"] == pytest.approx(
+        lat["results"][0]["median_ms"] / lat["results"][1]["median_ms"])
+    for r, row in zip(lat["results"], pipe["rows"]):
+        assert row["side_by_side_ms"] == {"1": r["median_ms"]}
+        assert row["speedup_vs_baseline"] == {"1": r["speedup"]}
+    from brkeras.run import benchmark as run_benchmark
+    assert run_benchmark.comparison_is_current(pipe["dir"], list(DIRS))
+
+
 def test_stages_used_the_pipeline_config(pipe):
     config = pipe["config"]
     for d, arg in zip(DIRS, MODELS):

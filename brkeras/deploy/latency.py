@@ -1,8 +1,13 @@
 """LiteRT latency of the exported .tflite files, on the host and (parsed) on Android.
 
 Host timing: `ai_edge_litert.interpreter.Interpreter(model_path, num_threads=t)`,
-batch 1, a fixed random input, `warmup` untimed invokes, then `runs` timed
-invokes (time.perf_counter around invoke()); median and p90 of those times.
+batch 1, a fixed random input, `warmup` untimed invokes, then timed invokes
+(time.perf_counter around invoke()); median and p90 of those times. Files are
+timed side by side (`alternating_times`): the `runs` timed invokes of each file
+and thread count are split over `rounds` rounds, and every round times all of
+them in turn, so a change of the machine's speed during the benchmark (this
+machine kind drifts by up to 2x) hits every file alike instead of whichever
+file happened to run then.
 ai-edge-litert also ships `python -m ai_edge_litert.tools.benchmark_litert_model`;
 it works here, but reports times rounded to 0.01 ms, gives p5/p95 and no p90, and
 runs through the CompiledModel API, so it is recorded as a cross-check
@@ -27,11 +32,13 @@ import numpy as np
 RESULT_KEYS = ("file", "threads", "median_ms", "p90_ms", "runs", "size_bytes")
 
 
-def _check(threads, runs, warmup):
+def _check(threads, runs, warmup, rounds=1):
     if not threads or any(int(t) < 1 for t in threads):
         raise ValueError(f"threads={threads!r}; give thread counts >= 1, e.g. (1, 2)")
     if int(runs) < 1 or int(warmup) < 0:
         raise ValueError(f"runs={runs}, warmup={warmup}; need runs >= 1 and warmup >= 0")
+    if int(rounds) < 1:
+        raise ValueError(f"rounds={rounds}; need rounds >= 1 (1 = each file once, in turn)")
 
 
 def time_invoke(model_path, num_threads=1, runs=200, warmup=20, seed=0):
@@ -103,16 +110,36 @@ def host_info():
                 timer="Interpreter.invoke(), batch 1, time.perf_counter")
 
 
-def benchmark_files(paths, threads=(1, 2), runs=200, warmup=20, use_tool=False):
-    """One result dict per (file, threads), in the bench.json schema."""
-    _check(threads, runs, warmup)
+def alternating_times(paths, threads=(1,), runs=200, rounds=5, warmup=20):
+    """{(path, threads): per-invoke ms}: `runs` timed invokes per file and thread count.
+
+    The runs are split over `rounds` rounds (at most `runs`); round r times every
+    (threads, file) in turn, after `warmup` untimed invokes each, the files in
+    reverse order on odd rounds so that no file always runs first.
+    """
+    _check(threads, runs, warmup, rounds)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{missing} do not exist; run `brkeras export` first")
+    runs, rounds = int(runs), min(int(rounds), int(runs))
+    times = {(p, int(t)): [] for p in paths for t in threads}
+    for r in range(rounds):
+        n = runs // rounds + (r < runs % rounds)
+        for t in threads:
+            for p in (paths if r % 2 == 0 else paths[::-1]):
+                times[(p, int(t))].extend(time_invoke(p, t, n, warmup, seed=r))
+    return times
+
+
+def benchmark_files(paths, threads=(1, 2), runs=200, warmup=20, use_tool=False, rounds=5):
+    """One result dict per (file, threads), in the bench.json schema, the files timed
+    side by side (`alternating_times`)."""
+    times = alternating_times(paths, threads, runs, rounds, warmup)
     results = []
     for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} does not exist; run `brkeras export` first")
         for t in threads:
             r = dict(file=os.path.basename(p), threads=int(t), size_bytes=os.path.getsize(p),
-                     **summarize(time_invoke(p, t, runs, warmup)))
+                     rounds=min(int(rounds), int(runs)), **summarize(times[(p, int(t))]))
             if use_tool:
                 tool = litert_tool(p, t, runs)
                 lat = (tool or {}).get("latency", {})

@@ -146,7 +146,12 @@ def base_config():
 
     c.bench = ml_collections.ConfigDict()
     c.bench.threads = (1, 2)
-    c.bench.runs = 200
+    c.bench.runs = 200  # timed invokes per file and thread count
+    c.bench.rounds = 5  # ... split over this many alternating rounds (deploy/latency.py)
+    # The pipeline also times the shipped file of every model side by side
+    # (latency.json); speed-ups are against this model ("" or a model not in
+    # pipeline.models: the first one).
+    c.bench.baseline_model = ""
 
     c.strategy = "default"  # one of STRATEGIES
     # A finished float run (work dir) whose weights initialise this one before
@@ -200,6 +205,11 @@ def validate(c):
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
          "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
     need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")
+    bench = c.get("bench")
+    if bench is not None:
+        need(bench.get("runs", 1) >= 1 and bench.get("rounds", 1) >= 1,
+             f"config.bench.runs={bench.get('runs')} and config.bench.rounds="
+             f"{bench.get('rounds')} must be >= 1")
     sp = c.get("sparsity")
     if sp is not None and sp.enabled:
         need(sp.strength > 0, f"config.sparsity.strength={sp.strength}; give lam > 0 with "

@@ -24,7 +24,6 @@ from brkeras.robust import evaluation
 from brkeras.run import config as config_lib
 from brkeras.run import lock
 from brkeras.run import report
-from brkeras.run import summary
 from brkeras.run import train as train_lib
 from brkeras.run import workdir as workdir_lib
 
@@ -116,8 +115,8 @@ def evaluate(workdir, overrides=None, verbose=1):
 
 def shipped_files(export):
     """export.json's records of the files that ship: noise-off int8, then noisy int8
-    (the summary's choice)."""
-    pick = summary._deploy_file  # pylint: disable=protected-access
+    (the summary's choice, workdir.shipped_file)."""
+    pick = workdir_lib.shipped_file
     return [f for f in (pick(export, False), pick(export, True)) if f is not None]
 
 

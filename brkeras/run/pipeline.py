@@ -5,8 +5,12 @@ its own work dir under the pipeline dir, so a killed pipeline resumes where it
 stopped: a finished training is kept, a stage whose output exists and is newer
 than the output it was made from is skipped (train -> evaluate, train -> export
 -> benchmark). The later stages run with the pipeline config's eval, export and
-bench sections. A stage that fails skips that model's remaining stages; the
-other models still run, and the pipeline raises at the end naming the failures.
+bench sections. With the benchmark stage, the shipped files of all models are
+then also timed side by side in one process (latency.json), so that their
+speed-ups against config.bench.baseline_model do not depend on how the machine
+drifted between the models' own benchmark stages. A stage that fails skips that
+model's remaining stages; the other models still run, and the pipeline raises at
+the end naming the failures.
 At the end `summary.json` and `summary.md` compare the models side by side.
 """
 
@@ -158,6 +162,12 @@ def run(config, pipeline_dir, overwrite=False, verbose=None):
                 failures.append((arg, stage, e))
                 break
             print(f"{label}: {time.time() - t0:.0f} s", flush=True)
+    if "benchmark" in config.pipeline.stages:
+        try:
+            _compare(config, pipeline_dir, overwrite)
+        except Exception as e:  # pylint: disable=broad-except
+            print(f"[pipeline] side-by-side latency: FAILED ({type(e).__name__}: {e})", flush=True)
+            failures.append(("all models", "side-by-side latency", e))
     rows = _summarize(config, pipeline_dir)
     print(f"[pipeline] finished in {time.time() - t_start:.0f} s; summary in "
           f"{os.path.join(pipeline_dir, workdir_lib.SUMMARY_MD)}", flush=True)
@@ -167,6 +177,29 @@ def run(config, pipeline_dir, overwrite=False, verbose=None):
             f"{len(failures)} pipeline stage(s) failed: {listed}. Fix the cause and run the "
             "same command again: finished stages are kept.") from failures[0][2]
     return rows
+
+
+def _compare(config, pipeline_dir, overwrite):
+    """The shipped files of all models timed side by side (run/benchmark.py)."""
+    bench_lib = importlib.import_module("brkeras.run.benchmark")
+    names = [model_dir_name(a) for a in config.pipeline.models]
+    b = config.bench
+    baseline = b.get("baseline_model", "")
+    if baseline not in config.pipeline.models:  # e.g. a narrowed --config.pipeline.models
+        if baseline:
+            print(f"[pipeline] config.bench.baseline_model={baseline!r} is not a model of this "
+                  f"pipeline; speed-ups are against {config.pipeline.models[0]!r}", flush=True)
+        baseline = config.pipeline.models[0]
+    baseline = model_dir_name(baseline)
+    label = "[pipeline] side-by-side latency of the shipped files"
+    if not overwrite and bench_lib.comparison_is_current(pipeline_dir, names, baseline):
+        print(f"{label}: done already, kept", flush=True)
+        return
+    print(f"{label} ...", flush=True)
+    t0 = time.time()
+    bench_lib.compare_models(pipeline_dir, names, baseline, tuple(b.threads), int(b.runs),
+                             int(b.get("rounds", 5)))
+    print(f"{label}: {time.time() - t0:.0f} s", flush=True)
 
 
 def _summarize(config, pipeline_dir):

@@ -82,7 +82,21 @@ EFFICIENCY = (
      lambda r: "-" if r.get("latency_ms_int4") is None else _ms(r["latency_ms_int4"])),
     ("noisy ms", "the noisy deploy (dynamic-range int8 or QAT int8)",
      lambda r: "-" if r.get("latency_ms_noise") is None else _ms(r["latency_ms_noise"])),
+    ("side by side ms", "LiteRT median of the shipped file when the shipped files of all "
+                        "models are timed in the same alternating rounds (latency.json), at "
+                        "each thread count of config.bench.threads (1 / 2 ...)",
+     lambda r: _per_threads(r.get("side_by_side_ms"), _ms)),
+    ("x baseline", "speed-up of that file over the baseline model's file in the same rounds "
+                   "(baseline median / this median; > 1 = faster), per thread count",
+     lambda r: _per_threads(r.get("speedup_vs_baseline"), lambda v: f"{v:.2f}")),
 )
+
+
+def _per_threads(d, fmt):
+    """'a / b' of a {threads: value} dict, in ascending thread count; '-' if none."""
+    if not d:
+        return "-"
+    return " / ".join(fmt(d[k]) for k in sorted(d, key=int))
 
 
 ROW_KEYS = {
@@ -128,6 +142,9 @@ ROW_KEYS = {
     "int4_bytes": "its size in bytes",
     "int4_zipped_bytes": "its ZIP_DEFLATED size in bytes",
     "latency_ms_int4": "its LiteRT median latency, 1 thread (ms)",
+    "side_by_side_ms": "{threads: LiteRT median ms} of the shipped noise-off file, timed with "
+                       "those of all models in the same alternating rounds (latency.json)",
+    "speedup_vs_baseline": "{threads: the baseline model's median / this one's} in those rounds",
 }
 
 
@@ -161,21 +178,6 @@ def _pruning(export):
             rep["after"]["params"])
 
 
-def _deploy_file(export, noise):
-    """The int8 file a user would ship (pruned if available): with noise, dynamic-range
-    int8 (export.noisy_formats has no full int8); without, full int8; or the tfmot
-    QAT model's own int8 file."""
-    if not export:
-        return None
-    # in order of preference; noise off falls back to dynamic int8 when full int8
-    # was not exported (or was dropped by its parity check)
-    wanted = (("dynamic_int8", "qat_int8") if noise
-              else ("full_int8", "qat_int8", "dynamic_int8"))
-    files = [f for f in export["files"] if f["noise"] == noise and f["format"] in wanted]
-    files.sort(key=lambda f: (wanted.index(f["format"]), not f["pruned"]))
-    return files[0] if files else None
-
-
 def _latency(bench, name):
     if not bench or not name:
         return None
@@ -199,15 +201,23 @@ def _tflite(te, noise, key):
     return hits[0].get(key)
 
 
-def model_row(pipeline_dir, name):
-    """The ROW_KEYS dict of the model work dir pipeline_dir/name."""
+def _side_by_side(latency, name, key):
+    """{str(threads): value} of model `name` in latency.json, or None."""
+    hits = {str(r["threads"]): r[key] for r in (latency or {}).get("results", [])
+            if r["model"] == name}
+    return hits or None
+
+
+def model_row(pipeline_dir, name, latency=None):
+    """The ROW_KEYS dict of the model work dir pipeline_dir/name (latency: the pipeline
+    dir's latency.json, if any)."""
     wd = os.path.join(pipeline_dir, name)
     ev = _read(os.path.join(wd, workdir_lib.EVAL_JSON))
     ex = _read(os.path.join(wd, workdir_lib.EXPORT_JSON))
     be = _read(os.path.join(wd, workdir_lib.BENCH_JSON))
     te = _read(os.path.join(wd, workdir_lib.TFLITE_EVAL_JSON))
     metrics = workdir_lib.read_metrics(wd)
-    noisy, det = _deploy_file(ex, True), _deploy_file(ex, False)
+    noisy, det = workdir_lib.shipped_file(ex, True), workdir_lib.shipped_file(ex, False)
     shipped = det or noisy
     sp = ev["sparsity"]["overall"] if ev else {}
     unpruned = det and (_file(ex, False, det["format"], False) if det["pruned"] else det)
@@ -256,6 +266,8 @@ def model_row(pipeline_dir, name):
         "int4_bytes": int4["size_bytes"] if int4 else None,
         "int4_zipped_bytes": int4.get("zipped_bytes") if int4 else None,
         "latency_ms_int4": _latency(be, int4 and int4["file"]),
+        "side_by_side_ms": _side_by_side(latency, name, "median_ms"),
+        "speedup_vs_baseline": _side_by_side(latency, name, "speedup"),
     }
 
 
@@ -266,9 +278,22 @@ def _table(columns, rows):
     return table + "\n\n" + legend + "\n"
 
 
-def markdown(rows):
+def _latency_note(latency):
+    if not latency:
+        return ""
+    h = latency["host"]
+    threads = sorted({r["threads"] for r in latency["results"]})
+    return (f"\nSide by side: the shipped files of {len(latency['results']) // len(threads)} "
+            f"models, {latency['runs']} invokes each in {latency['rounds']} alternating rounds, "
+            f"batch 1, threads {' / '.join(map(str, threads))}; baseline "
+            f"{latency['baseline']}; {h['cpu']} ({h['cpu_count']} cores), LiteRT "
+            f"{h['litert']}, load average {latency['load_avg']}.\n")
+
+
+def markdown(rows, latency=None):
     text = "## Accuracy and robustness\n\n" + _table(COLUMNS, rows)
-    text += "\n## Efficiency of the shipped files\n\n" + _table(EFFICIENCY, rows)
+    text += ("\n## Efficiency of the shipped files\n\n" + _table(EFFICIENCY, rows)
+             + _latency_note(latency))
     warnings = [f"- {r['model']}: {', '.join(r['sanity_failed'])}" for r in rows
                 if r["sanity_failed"]]
     text += ("\nSanity checks that failed:\n" + "\n".join(warnings) + "\n" if warnings
@@ -283,9 +308,10 @@ def markdown(rows):
 
 def write(pipeline_dir, names):
     """Writes summary.json and summary.md for the model dirs `names`; returns the rows."""
-    rows = [model_row(pipeline_dir, n) for n in names]
+    latency = _read(os.path.join(pipeline_dir, workdir_lib.LATENCY_JSON))
+    rows = [model_row(pipeline_dir, n, latency) for n in names]
     workdir_lib.write_json(os.path.join(pipeline_dir, workdir_lib.SUMMARY_JSON), {"models": rows})
-    text = markdown(rows)
+    text = markdown(rows, latency)
     with open(os.path.join(pipeline_dir, workdir_lib.SUMMARY_MD), "w") as f:
         f.write(f"# brkeras pipeline summary\n\n{text}")
     print(text, flush=True)

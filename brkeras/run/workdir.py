@@ -34,6 +34,7 @@ EXPORT_JSON = "export.json"
 BENCH_JSON = "bench.json"
 SUMMARY_JSON = "summary.json"  # in a pipeline dir
 SUMMARY_MD = "summary.md"
+LATENCY_JSON = "latency.json"  # in a pipeline dir: the shipped files timed side by side
 # The write lock (run/lock.py), there while a stage writes the dir; no stage output.
 LOCK = ".lock"
 TRAIN_OUTPUTS = (CONFIG, METRICS, STATE, CKPT, TB, BATCHNORM)
@@ -228,3 +229,18 @@ def prepare_for_training(workdir, config, overwrite=False):
     os.makedirs(workdir, exist_ok=True)
     write_json(cfg_path, config_to_dict(config))
     return "new"
+
+
+def shipped_file(export, noise):
+    """The export.json entry of the int8 file a user would ship (pruned if available):
+    with noise, dynamic-range int8 (export.noisy_formats has no full int8); without,
+    full int8; or the tfmot QAT model's own int8 file. None if there is none."""
+    if not export:
+        return None
+    # in order of preference; noise off falls back to dynamic int8 when full int8
+    # was not exported (or was dropped by its parity check)
+    wanted = (("dynamic_int8", "qat_int8") if noise
+              else ("full_int8", "qat_int8", "dynamic_int8"))
+    files = [f for f in export["files"] if f["noise"] == noise and f["format"] in wanted]
+    files.sort(key=lambda f: (wanted.index(f["format"]), not f["pruned"]))
+    return files[0] if files else None
