@@ -27,7 +27,14 @@ data:
 	  || echo "note: could not install dataset-fashion-mnist; tfds will need internet"; \
 	else echo "note: $(FMNIST_DIR) missing; run 'sudo apt-get install dataset-fashion-mnist' or let tfds download"; fi
 
-setup: $(VENV)/.installed data
+# The fused noise kernel (brkeras/nn/kernels), compiled against the venv's
+# TensorFlow; without g++ training runs the TF-op path (same values, slower).
+KERNEL := brkeras/nn/kernels/_fk_noise.so
+$(KERNEL): brkeras/nn/kernels/fk_noise.cc brkeras/nn/kernels/__init__.py $(VENV)/.installed
+	@$(PY) -m brkeras.nn.kernels 2>/dev/null \
+	  || echo "note: the fused noise kernel did not build (python -m brkeras.nn.kernels says why); training runs the slower TF-op path"
+
+setup: $(VENV)/.installed $(KERNEL) data
 
 run: setup
 	$(VENV)/bin/brkeras pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
@@ -36,4 +43,4 @@ test: setup
 	$(PY) -m pytest tests -q
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info $(KERNEL)

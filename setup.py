@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["brkeras", "brkeras.*"]),
+    # the fused kernel's source: `python -m brkeras.nn.kernels` builds it after install
+    package_data={"brkeras.nn.kernels": ["fk_noise.cc"]},
     # Versions known to install and work together (TF 2.21 on Python 3.11).
     install_requires=[
         "tensorflow==2.21.0",

@@ -9,7 +9,8 @@ a ResNet20 on 32x32 inputs (batch x 32x32x16, 16x16x32, 8x8x64, three each), in 
 tf.function; "fwd" times y, "fwd+bwd" times y and dL/dx for L = sum(y * g). The
 table gives ns per element and the ratio to the exact `tf.random.normal` path.
 The "layer" rows are brkeras' FeynmanKacNoise map itself (nn/layers.py: float32
-moments, Box-Muller draws, the hand-written gradient), to compare with the
+moments, Box-Muller draws, the hand-written gradient) by TF ops and by the fused
+kernels of nn/kernels (when built: `python -m brkeras.nn.kernels`), to compare with the
 autodiff rows of the same draw ("pool=8 (default)", "normal (exact, pool=1)"), and
 "layer pool=8, XLA-fused" the same map with all but the draws compiled by XLA
 into two fusions (forward, pullback), to see what fusing the passes would buy.
@@ -23,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from brkeras.nn import layers  # noqa: E402
+from brkeras.nn import kernels, layers  # noqa: E402
 from brkeras._keras import tf  # noqa: E402
 
 SIGMA = 0.1
@@ -141,13 +142,34 @@ def xla_fused(pool):
     return fn
 
 
+def tf_ops_only(fmap):
+    """fmap traced with the fused kernels off (BRKERAS_FUSED_KERNELS=0): the TF-op path."""
+    def fn(x):
+        old = os.environ.get(kernels.ENV_SWITCH)
+        os.environ[kernels.ENV_SWITCH] = "0"
+        try:
+            return fmap(x)
+        finally:
+            if old is None:
+                del os.environ[kernels.ENV_SWITCH]
+            else:
+                os.environ[kernels.ENV_SWITCH] = old
+    return fn
+
+
 def layer_candidates():
-    """brkeras' layer map (its own std and gradient), its XLA-fused twin, and the
-    floor: no noise (y = x)."""
-    return {"layer pool=1 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 1),
-            "layer pool=8 (brkeras)": lambda x: layers.feynman_kac_noise(x, SIGMA, 8),
-            "layer pool=8, XLA-fused": xla_fused(8),
-            "identity (floor)": lambda x: x}
+    """brkeras' layer map by TF ops (its own std and gradient) and by the fused
+    kernels (nn/kernels, when built), the TF-op map's XLA-fused twin, and the floor:
+    no noise (y = x)."""
+    layer = {k: (lambda k: lambda x: layers.feynman_kac_noise(x, SIGMA, k))(k) for k in (1, 8)}
+    c = {"layer pool=1 (TF ops)": tf_ops_only(layer[1]),
+         "layer pool=8 (TF ops)": tf_ops_only(layer[8])}
+    if kernels.fk_noise_ops() is not None:
+        c["layer pool=1 (fused kernel)"] = layer[1]
+        c["layer pool=8 (fused kernel)"] = layer[8]
+    c["layer pool=8, XLA-fused"] = xla_fused(8)
+    c["identity (floor)"] = lambda x: x
+    return c
 
 
 def timed(fn, runs):
@@ -210,12 +232,12 @@ def main():
     base_f, base_fb = rows[0][1], rows[0][2]  # the first row is the reference
     print(f"{elems / 1e6:.2f}M {args.dtype} noise elements per forward (ResNet20, batch {args.batch}), "
           f"best of {args.rounds} x {args.runs} calls, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print(f"{'candidate':28s} {'fwd ns/el':>10s} {'ratio':>6s} {'f+b ns/el':>10s} {'ratio':>6s}")
+    print(f"{'candidate':30s} {'fwd ns/el':>10s} {'ratio':>6s} {'f+b ns/el':>10s} {'ratio':>6s}")
     for name, f, fb, err in rows:
         if f is None:
-            print(f"{name:28s} unavailable: {err}")
+            print(f"{name:30s} unavailable: {err}")
         else:
-            print(f"{name:28s} {f:10.3f} {f / base_f:6.2f} {fb:10.3f} {fb / base_fb:6.2f}")
+            print(f"{name:30s} {f:10.3f} {f / base_f:6.2f} {fb:10.3f} {fb / base_fb:6.2f}")
 
 
 if __name__ == "__main__":

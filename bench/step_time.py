@@ -13,7 +13,8 @@ figure).
 
 Cells, per policy (float32, mixed_bfloat16; "auto" resolves to one of them):
   brkeras  ResNet20 (sigma 0), EnResNet20 exact noise (pool 1), EnResNet20 with
-           the default pooled noise, + Binary-Relax ternary: `AdversarialModel`
+           the default pooled noise (by the fused kernel of nn/kernels when built,
+           and by TF ops beside it), + Binary-Relax ternary: `AdversarialModel`
            on `run.train.build_network`, PGD-10 (eps 8/255, steps 2/255), the
            train_step as a tf.function;
   lean     the same pre-activation ResNet20 written here in plain TF (tf.nn.conv2d,
@@ -35,6 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from brkeras.deploy import latency  # noqa: E402
+from brkeras.nn import kernels  # noqa: E402
 from brkeras.robust import losses  # noqa: E402
 from brkeras.run import config as config_lib  # noqa: E402
 from brkeras.run import train as train_lib  # noqa: E402
@@ -55,11 +57,12 @@ LEAN = flags.DEFINE_bool("lean", True, "time the lean plain-TF reference loop")
 
 EPS, ALPHA, K = 8 / 255, 2 / 255, 10
 
-VARIANTS = (  # name, config.model fields, precision
-    ("ResNet20 (sigma 0)", dict(sigma=0.0), "float"),
-    ("EnResNet20 exact noise (pool 1)", dict(sigma=0.1, noise_pool=1), "float"),
-    ("EnResNet20 (default noise)", dict(sigma=0.1), "float"),
-    ("EnResNet20 + BR ternary", dict(sigma=0.1), "ternary"),
+VARIANTS = (  # name, config.model fields, precision, fused noise kernel (if built)
+    ("ResNet20 (sigma 0)", dict(sigma=0.0), "float", True),
+    ("EnResNet20 exact noise (pool 1)", dict(sigma=0.1, noise_pool=1), "float", True),
+    ("EnResNet20 (default noise)", dict(sigma=0.1), "float", True),
+    ("EnResNet20 (default noise, TF ops)", dict(sigma=0.1), "float", False),
+    ("EnResNet20 + BR ternary", dict(sigma=0.1), "ternary", True),
 )
 
 
@@ -77,8 +80,9 @@ def _batch(batch):
     return x, y
 
 
-def brkeras_step(model_fields, quant, loss_name, policy, batch):
-    """A callable running one brkeras train step (a tf.function of AdversarialModel.train_step)."""
+def brkeras_step(model_fields, quant, loss_name, policy, batch, fused=True):
+    """A callable running one brkeras train step (a tf.function of AdversarialModel.train_step);
+    fused=False traces the noise layers as TF ops (nn/kernels.disabled)."""
     c = config_lib.base_config()
     c.model.depth = DEPTH.value
     c.model.width = WIDTH.value
@@ -93,7 +97,13 @@ def brkeras_step(model_fields, quant, loss_name, policy, batch):
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
     step = tf.function(trainer.train_step)
     data = _batch(batch)
-    return lambda: float(step(data)["loss"])
+    if fused:
+        return lambda: float(step(data)["loss"])
+
+    def unfused():
+        with kernels.disabled():  # traced at the first call
+            return float(step(data)["loss"])
+    return unfused
 
 
 def lean_step(policy, sigma, batch, depth, natural=False):
@@ -213,6 +223,8 @@ def main(_):
         if name not in policies:
             policies.append(name)
     default = precision.resolve("auto", width=WIDTH.value)
+    kernel_state = ("the fused noise kernel" if kernels.fk_noise_ops() is not None else
+                    f"TF ops: {kernels.unavailable_reason()}")
     print(f"batch {BATCH.value}, ResNet{DEPTH.value} width {WIDTH.value}, "
           f"{'x'.join(map(str, _input_shape()))}, PGD-{K}, median of "
           f"{STEPS.value} round-robin steps; {_machine()}; auto -> {default}", flush=True)
@@ -220,9 +232,11 @@ def main(_):
     cells = {}  # (kind, name, policy, loss) -> step callable
     for policy in policies:
         for loss_name in loss_names:
-            for name, fields, quant in VARIANTS:
+            for name, fields, quant, fused in VARIANTS:
+                if not fused and kernels.fk_noise_ops() is None:
+                    continue  # no kernel built: the default rows are the TF-op path already
                 cells[("brkeras", name, policy, loss_name)] = brkeras_step(
-                        fields, quant, loss_name, policy, BATCH.value)
+                        fields, quant, loss_name, policy, BATCH.value, fused)
             if LEAN.value:
                 for name, sigma in (("ResNet20 (sigma 0)", 0.0),
                                     ("EnResNet20 exact noise (pool 1)", 0.1)):
@@ -267,9 +281,13 @@ def main(_):
             noisy = med[("brkeras", "EnResNet20 (default noise)", policy, loss_name)]
             exact = med[("brkeras", "EnResNet20 exact noise (pool 1)", policy, loss_name)]
             br = med[("brkeras", "EnResNet20 + BR ternary", policy, loss_name)]
+            tf_ops = med.get(("brkeras", "EnResNet20 (default noise, TF ops)", policy, loss_name))
             print(f"{step_name}, {policy}: default noise adds {100 * (noisy[0] / plain[0] - 1):+.1f}% "
-                  f"wall / {100 * (noisy[1] / plain[1] - 1):+.1f}% CPU (goal <= 15%); exact noise "
-                  f"{100 * (exact[0] / plain[0] - 1):+.1f}% wall; BR ternary "
+                  f"wall / {100 * (noisy[1] / plain[1] - 1):+.1f}% CPU (goal <= 15%)"
+                  + (f" with {kernel_state}; by TF ops {100 * (tf_ops[0] / plain[0] - 1):+.1f}% "
+                     f"wall / {100 * (tf_ops[1] / plain[1] - 1):+.1f}% CPU" if tf_ops else
+                     f" ({kernel_state})")
+                  + f"; exact noise {100 * (exact[0] / plain[0] - 1):+.1f}% wall; BR ternary "
                   f"{100 * (br[0] / noisy[0] - 1):+.1f}% on top")
             lean = med.get(("lean", "ResNet20 (sigma 0)", policy, loss_name))
             if lean:

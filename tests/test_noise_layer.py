@@ -5,17 +5,29 @@ against autodiff of the old formula x + sigma * reduce_std(x) * n (with the
 layer's own n held fixed), in float32 and bfloat16; the Box-Muller normals
 against N(0, 1); the layout of the pooled draw against the deploy NoiseBank's.
 The distribution checks of float32 draws are in test_models.py; here the same
-checks run on bfloat16 draws.
+checks run on bfloat16 draws. The layer checks run on both paths of the layer
+(`noise_path`: TF ops, and the fused kernels of nn/kernels).
 """
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from brkeras.nn import layers
+from brkeras.nn import kernels, layers
 from brkeras._keras import tf
 
 SIGMA = 0.1
+
+
+@pytest.fixture(params=["tf_ops", "fused_kernel"])
+def noise_path(request, monkeypatch):
+    """Runs a layer test on the TF-op path and on the fused kernels (nn/kernels)."""
+    if request.param == "tf_ops":
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    elif kernels.fk_noise_ops() is None:
+        pytest.skip(f"no fused kernel: {kernels.unavailable_reason()} (test_noise_kernel.py "
+                    "fails where g++ exists)")
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
@@ -49,7 +61,7 @@ def _noisy_with_grad(x, g, pool):
 
 
 @pytest.mark.parametrize("pool", [1, 8])
-def test_gradient_equals_autodiff_of_the_old_formula(pool):
+def test_gradient_equals_autodiff_of_the_old_formula(pool, noise_path):
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(0.5, 1.5, (8, 8, 8, 16)).astype(np.float32))
     g = tf.constant(rng.normal(size=(8, 8, 8, 16)).astype(np.float32))
@@ -69,7 +81,7 @@ def test_gradient_equals_autodiff_of_the_old_formula(pool):
     np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_in_bfloat16_matches_the_float64_formula():
+def test_gradient_in_bfloat16_matches_the_float64_formula(noise_path):
     # L = |y|^2 / 2, so g = y and <g, n> ~ sigma std N: the std-gradient term
     # sigma^2 (x - mean) is large enough to be seen through bfloat16 rounding.
     sigma = 0.5
@@ -92,7 +104,7 @@ def test_gradient_in_bfloat16_matches_the_float64_formula():
     assert abs(np.sum(term * term_ref) / np.sum(term_ref ** 2) - 1) < 0.02
 
 
-def test_constant_input_gets_no_noise_and_gradient_g():
+def test_constant_input_gets_no_noise_and_gradient_g(noise_path):
     x = tf.fill([2, 4, 4, 3], 0.7)
     g = tf.ones([2, 4, 4, 3])
     y, grad = _noisy_with_grad(x, g, 8)
@@ -153,7 +165,7 @@ def _sign_pattern_is_rank_one(noise, n, pool):
     return bool(np.all((s == rank1)[ok])), float(np.mean(s[ok] > 0))
 
 
-def test_training_layer_and_noise_bank_draw_the_same_layout():
+def test_training_layer_and_noise_bank_draw_the_same_layout(noise_path):
     batch, shape, pool = 4, (16, 16, 8), 8
     n = batch * int(np.prod(shape))
     x = tf.constant(np.random.default_rng(3).normal(0, 1, (batch,) + shape).astype(np.float32))

@@ -3,6 +3,7 @@
 import numpy as np
 
 from brkeras._keras import tf
+from brkeras.nn import kernels
 
 
 # What the TFLite converter writes from a Keras model.
@@ -39,14 +40,16 @@ def convert(model, fmt, representative=None):
         # Ops without an int8 kernel (e.g. RANDOM_STANDARD_NORMAL) stay float.
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                           tf.lite.OpsSet.TFLITE_BUILTINS]
-    return bytes(conv.convert())
+    with kernels.disabled():  # noise layers trace as TFLite builtins, not the fused op
+        return bytes(conv.convert())
 
 
 def convert_qat(qat_model):
     """int8 TFLite bytes of a tfmot QAT Keras model (Optimize.DEFAULT uses its fake-quant ranges)."""
     conv = tf.lite.TFLiteConverter.from_keras_model(qat_model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    return bytes(conv.convert())
+    with kernels.disabled():
+        return bytes(conv.convert())
 
 
 def noisy_formats(formats):

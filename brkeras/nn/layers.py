@@ -48,6 +48,7 @@ How n is drawn (`pool`):
 """
 
 from brkeras._keras import keras, tf
+from brkeras.nn import kernels
 
 
 def _check(sigma, pool):
@@ -141,8 +142,13 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     For any x dtype the whole map runs in float32 (`moments`, the draw, x + p,
     and the pullback) and the result is rounded once to x's dtype, so a mixed
     bfloat16 policy rounds the noise and its gradient once, not at every op.
-    It costs what bfloat16 arithmetic cost (`bench/noise_cost.py
-    --dtype=bfloat16`: 4.97 against 4.89 ns per element forward + backward).
+    Where the fused CPU kernels of nn/kernels are built (`make setup`), float32
+    and bfloat16 x take them instead (`_fused_noise`: the same map and
+    distribution, two passes over x each way instead of about twenty; on a
+    ResNet20 PGD-10 step the noise then adds +5% in float32 and +12% in
+    bfloat16, against +8% and +29% by TF ops, bench/step_time.py, 2026-12-04).
+    Models traced for TFLite conversion use the TF ops (`kernels.disabled()`,
+    as deploy/convert.py does): the kernel's op is no TFLite builtin.
     A constant x (std = 0) gets no noise and the gradient g. sigma = 0 returns
     x itself (no random op).
     """
@@ -150,6 +156,9 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     if sigma == 0:
         return x
     sigma, pool = float(sigma), int(pool)
+    ops = kernels.fk_noise_ops() if x.dtype in (tf.float32, tf.bfloat16) else None
+    if ops is not None:
+        return _fused_noise(x, sigma, pool, ops)
 
     @tf.custom_gradient
     def noisy(x):
@@ -163,6 +172,35 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
             return tf.cast(gf + c * (xf - mean), g.dtype)
 
         return tf.cast(xf + p, x.dtype), grad
+
+    return noisy(x)
+
+
+def _fused_noise(x, sigma, pool, ops):
+    """feynman_kac_noise by the fused CPU kernels (nn/kernels/fk_noise.cc).
+
+    The same draws as the TF-op path, in the same order: the uniforms of
+    standard_normal (the kernel applies its Box-Muller transform), then the row
+    and column signs of random_signs, as [k, Q] and [k, R]. So both paths give the
+    same values up to float rounding (pool = 1: where pool_layout is exact,
+    Q * R = N), and a run's noise does not depend on whether the kernel is built.
+    Moments, x + p and the pullback take two passes each.
+    """
+    q, r = pool_layout(tf.size(x), pool)
+    u = tf.random.uniform(tf.stack([2, (q * r + 1) // 2]))
+    if pool == 1:
+        rows, cols = tf.ones(tf.stack([1, q])), tf.ones(tf.stack([1, r]))
+    else:
+        rows, cols = random_signs(tf.stack([pool, q])), random_signs(tf.stack([pool, r]))
+
+    @tf.custom_gradient
+    def noisy(x):
+        y, mean, var, z = ops.brkeras_fk_noise(x, u, rows, cols, sigma=sigma)
+
+        def grad(g):
+            return ops.brkeras_fk_noise_grad(g, x, z, rows, cols, mean, var, sigma=sigma)
+
+        return y, grad
 
     return noisy(x)
 

@@ -1,0 +1,110 @@
+"""Fused CPU kernels for the hot path of EnResNet training, built on the host.
+
+`fk_noise.cc` computes the Feynman-Kac noise map (nn/layers.py) and its pullback
+in two passes over the tensor each, where the TF-op path takes about twenty
+(casts, moments, the pooled product, x + p and the pullback, each a kernel of
+its own). The draws stay TF random ops, so the distribution, the seeding and the
+deploy form do not change; with the same draws both paths give the same values
+up to float rounding (tests/test_noise_kernel.py).
+
+Build it once per TensorFlow install (`make setup` does; needs g++):
+
+    python -m brkeras.nn.kernels
+
+It compiles against the installed TensorFlow's headers and framework library
+(tf.sysconfig flags) into `_fk_noise.so` beside the source. `fk_noise_ops()` loads
+it, and returns None (the TF-op path runs) when it is missing, older than its
+source, built for another TensorFlow, turned off with BRKERAS_FUSED_KERNELS=0, or
+inside `disabled()` (how TFLite conversions trace: the op is no TFLite builtin).
+"""
+
+import contextlib
+import os
+import subprocess
+import warnings
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_DIR, "fk_noise.cc")
+LIBRARY = os.path.join(_DIR, "_fk_noise.so")
+ENV_SWITCH = "BRKERAS_FUSED_KERNELS"  # "0" = always the TF-op path
+
+_cache = {}
+
+
+_disabled_depth = [0]
+
+
+def enabled():
+    """False inside `disabled()` or when BRKERAS_FUSED_KERNELS=0 (read at every call)."""
+    return _disabled_depth[0] == 0 and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Models traced inside use the TF-op path: for graphs that leave this process,
+    e.g. a TFLite conversion of a model holding FeynmanKacNoise layers (deploy/convert.py
+    converts under it; the kernel's op is not a TFLite builtin)."""
+    _disabled_depth[0] += 1
+    try:
+        yield
+    finally:
+        _disabled_depth[0] -= 1
+
+
+def unavailable_reason():
+    """Why fk_noise_ops() is None, or None when it loads."""
+    fk_noise_ops()
+    return _cache.get("reason")
+
+
+def fk_noise_ops():
+    """The loaded op module (brkeras_fk_noise, brkeras_fk_noise_grad), or None."""
+    if not enabled():
+        return None
+    if "ops" not in _cache:
+        _cache["ops"], _cache["reason"] = _load()
+        if _cache["ops"] is None:
+            warnings.warn(f"brkeras: fused noise kernel not used ({_cache['reason']}); the TF-op "
+                          "path runs (same values, slower)", RuntimeWarning, stacklevel=2)
+    return _cache["ops"]
+
+
+def _load():
+    from brkeras._keras import tf  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(LIBRARY):
+        return None, f"{LIBRARY} not built; run `python -m brkeras.nn.kernels`"
+    if os.path.getmtime(LIBRARY) < os.path.getmtime(SOURCE):
+        return None, f"{LIBRARY} is older than its source; run `python -m brkeras.nn.kernels`"
+    if tf.config.list_logical_devices("GPU"):
+        return None, "the kernel is CPU-only and a GPU is visible"
+    try:
+        return tf.load_op_library(LIBRARY), None
+    except (tf.errors.NotFoundError, OSError) as e:  # e.g. built for another TensorFlow
+        return None, f"{LIBRARY} does not load ({e}); rebuild with `python -m brkeras.nn.kernels`"
+
+
+def compile_command(output=LIBRARY):
+    """The g++ command line that builds `output` against the installed TensorFlow."""
+    from brkeras._keras import tf  # pylint: disable=g-import-not-at-top
+    return (["g++", "-shared", "-fPIC", "-O3", "-march=native", "-Wno-deprecated-declarations", "-o", output, SOURCE]
+            + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+
+
+def build():
+    """Compiles the kernel (to a temporary file, then renamed: a failed build keeps the
+    old library). Raises RuntimeError with the compiler's message on failure."""
+    tmp = LIBRARY + f".tmp{os.getpid()}"
+    cmd = compile_command(tmp)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise RuntimeError("g++ not found: install it (Debian: apt-get install g++) to build the "
+                           "fused kernel; without it the TF-op path runs") from e
+    if r.returncode != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"building {LIBRARY} failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}")
+    os.replace(tmp, LIBRARY)
+    _cache.clear()
+    return LIBRARY
+
