@@ -143,17 +143,10 @@ def xla_fused(pool):
 
 
 def tf_ops_only(fmap):
-    """fmap traced with the fused kernels off (BRKERAS_FUSED_KERNELS=0): the TF-op path."""
+    """fmap traced with the fused kernels off (nn/kernels.disabled): the TF-op path."""
     def fn(x):
-        old = os.environ.get(kernels.ENV_SWITCH)
-        os.environ[kernels.ENV_SWITCH] = "0"
-        try:
+        with kernels.disabled():
             return fmap(x)
-        finally:
-            if old is None:
-                del os.environ[kernels.ENV_SWITCH]
-            else:
-                os.environ[kernels.ENV_SWITCH] = old
     return fn
 
 

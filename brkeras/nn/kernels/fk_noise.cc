@@ -144,12 +144,21 @@ static void BoxMuller(OpKernelContext* ctx, const float* u, int64_t half, int64_
   });
 }
 
-template <typename T>
-class FkNoiseOp : public OpKernel {
+// Both kernels: the sigma attribute.
+class SigmaKernel : public OpKernel {
  public:
-  explicit FkNoiseOp(OpKernelConstruction* c) : OpKernel(c) {
+  explicit SigmaKernel(OpKernelConstruction* c) : OpKernel(c) {
     OP_REQUIRES_OK(c, c->GetAttr("sigma", &sigma_));
   }
+
+ protected:
+  float sigma_;
+};
+
+template <typename T>
+class FkNoiseOp : public SigmaKernel {
+ public:
+  using SigmaKernel::SigmaKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &x = ctx->input(0), &u = ctx->input(1), &rows = ctx->input(2),
@@ -179,11 +188,12 @@ class FkNoiseOp : public OpKernel {
     // Moments: per chunk, its mean and sum of squared deviations (two passes over
     // a chunk that stays in cache), combined in order by Chan et al.'s formula.
     const int64_t chunks = (n + kChunk - 1) / kChunk;
+    auto chunk_len = [n](int64_t c) { return std::min(n, (c + 1) * kChunk) - c * kChunk; };
     std::vector<double> csum(chunks), cm2(chunks);
     Parallel(ctx, chunks, kChunk * 4, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const T* xc = xp + c * kChunk;
-        const int64_t len = std::min(n, (c + 1) * kChunk) - c * kChunk;
+        const int64_t len = chunk_len(c);
         const double s = LaneSum(len, [&](int64_t e) { return static_cast<float>(xc[e]); });
         const float m = static_cast<float>(s / len);
         // deviations from the chunk's own mean: no cancellation whatever the mean; the
@@ -199,7 +209,7 @@ class FkNoiseOp : public OpKernel {
     });
     double count = 0, mean = 0, m2 = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      const double nc = std::min(n, (c + 1) * kChunk) - c * kChunk;
+      const double nc = chunk_len(c);
       const double mc = csum[c] / nc, delta = mc - mean, tot = count + nc;
       m2 += cm2[c] + delta * delta * count * nc / tot;
       mean += delta * nc / tot;
@@ -222,17 +232,12 @@ class FkNoiseOp : public OpKernel {
               });
     });
   }
-
- private:
-  float sigma_;
 };
 
 template <typename T>
-class FkNoiseGradOp : public OpKernel {
+class FkNoiseGradOp : public SigmaKernel {
  public:
-  explicit FkNoiseGradOp(OpKernelConstruction* c) : OpKernel(c) {
-    OP_REQUIRES_OK(c, c->GetAttr("sigma", &sigma_));
-  }
+  using SigmaKernel::SigmaKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &g = ctx->input(0), &x = ctx->input(1), &z = ctx->input(2),
@@ -273,9 +278,6 @@ class FkNoiseGradOp : public OpKernel {
                                c * (static_cast<float>(xp[e]) - mean));
     });
   }
-
- private:
-  float sigma_;
 };
 
 #define REGISTER(T)                                                                      \
