@@ -161,3 +161,38 @@ def strip_names(tflite_bytes):
         for t in sg.tensors:
             t.name = None
     return bytes(flatbuffer_utils.convert_object_to_bytearray(mo))
+
+
+def signatures(tflite_bytes):
+    """{signature key: (input names, output names)} of a file's signature defs."""
+    mo = _read(tflite_bytes)
+    return {sd.signatureKey.decode(): ([m.name.decode() for m in sd.inputs],
+                                       [m.name.decode() for m in sd.outputs])
+            for sd in (mo.signatureDefs or [])}
+
+
+def add_signature(tflite_bytes, key, input_names, output_names):
+    """The file with one signature def `key` over subgraph 0: input_names[i] names
+    the subgraph's i-th input tensor, output_names[j] its j-th output (the keys of
+    a LiteRT signature runner). Replaces any signature def of that key."""
+    mo = _read(tflite_bytes)
+    sg = mo.subgraphs[0]
+    if len(input_names) != len(sg.inputs) or len(output_names) != len(sg.outputs):
+        raise ExportError(f"signature {key!r}: {len(input_names)} input and {len(output_names)} "
+                          f"output names for a subgraph of {len(sg.inputs)} inputs and "
+                          f"{len(sg.outputs)} outputs")
+
+    def tensor_map(name, index):
+        m = schema_fb.TensorMapT()
+        m.name = name.encode()
+        m.tensorIndex = int(index)
+        return m
+
+    sd = schema_fb.SignatureDefT()
+    sd.signatureKey = key.encode()
+    sd.subgraphIndex = 0
+    sd.inputs = [tensor_map(n, i) for n, i in zip(input_names, sg.inputs)]
+    sd.outputs = [tensor_map(n, i) for n, i in zip(output_names, sg.outputs)]
+    keep = [s for s in (mo.signatureDefs or []) if s.signatureKey != sd.signatureKey]
+    mo.signatureDefs = keep + [sd]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(mo))
