@@ -352,3 +352,38 @@ def test_a_layer_folded_away_is_exact_only_when_its_kernel_is_zero():
     rep = levels_lib.check_weights(f32, f32, gone)
     assert rep[f"{name}_folded"] == {"stored": "folded (all-zero kernel)", "exact": True}
     assert rep[f"{name}_lost"] == {"stored": "missing", "exact": False}
+
+
+def test_parity_bars_are_judged_in_whole_examples(monkeypatch):
+    # 0.38 - 0.37 is 0.010000000000000009 in floats: 3 of 300 examples must pass a
+    # 0.01 bar, 4 must not; likewise 24 disagreements of 300 at min_agreement 0.92.
+    n, classes = 300, 10
+    y = np.arange(n) % classes
+    keras_out = np.eye(classes, dtype=np.float32)[np.where(np.arange(n) < 114, y, (y + 1) % classes)]
+
+    def tflite_with(wrong_extra):
+        pred = np.where(np.arange(n) < 114 - wrong_extra, y, (y + 1) % classes)
+        return np.eye(classes, dtype=np.float32)[pred]
+
+    for extra, ok in ((3, True), (4, False)):
+        monkeypatch.setattr(parity, "tflite_logits", lambda *a, **k: tflite_with(extra))
+        kw = dict(y=y, min_agreement=0.9, max_accuracy_drop=0.01, keras_out=keras_out)
+        if ok:
+            out = parity.parity_deterministic(b"", None, np.zeros((n, 1)), **kw)
+            assert (out["acc_keras"], out["acc_tflite"]) == (114 / n, 111 / n)
+        else:
+            with pytest.raises(errors.ParityError, match="below Keras"):
+                parity.parity_deterministic(b"", None, np.zeros((n, 1)), **kw)
+    for flips, ok in ((24, True), (25, False)):
+        pred = keras_out.argmax(1).copy()
+        pred[:flips] = (pred[:flips] + 1) % classes
+        monkeypatch.setattr(parity, "tflite_logits",
+                            lambda *a, p=pred, **k: np.eye(classes, dtype=np.float32)[p])
+        if ok:
+            out = parity.parity_deterministic(b"", None, np.zeros((n, 1)), min_agreement=0.92,
+                                              keras_out=keras_out)
+            assert out["top1_agreement"] == 276 / n
+        else:
+            with pytest.raises(errors.ParityError, match="agrees with Keras"):
+                parity.parity_deterministic(b"", None, np.zeros((n, 1)), min_agreement=0.92,
+                                            keras_out=keras_out)
