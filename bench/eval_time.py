@@ -3,8 +3,8 @@
   .venv/bin/python bench/eval_time.py --workdir=runs/pipeline/float_tradeoff \\
       [--batch_sizes=200,500,1000] [--rounds=2]
 
-Loads the trained model of `--workdir` once and runs `robust.evaluation.evaluate_model`
-with that run's config.eval (the attacks, draws and examples of `brkeras evaluate`),
+Loads the trained model of `--workdir` once and runs `run.evaluate.evaluate_arrays`
+(what `brkeras evaluate` runs) with that run's config.eval (the attacks, draws and examples of `brkeras evaluate`),
 overriding only eval.batch_size, the batch sizes in turn, `--rounds` times, so a
 change of the machine's speed hits every size alike. Round 1 includes the tracing
 of every attack. Prints seconds per round and the worst-case and EOT-PGD-20
@@ -20,11 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
 
-from brkeras import data  # noqa: E402
 from brkeras.deploy.latency import host_info  # noqa: E402
-from brkeras.robust import evaluation  # noqa: E402
+from brkeras.run import evaluate as evaluate_lib  # noqa: E402
 from brkeras.run import train as train_lib  # noqa: E402
 from brkeras.run import workdir as workdir_lib  # noqa: E402
 
@@ -33,16 +31,12 @@ BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["200", "500", "1000"], "eval.bat
 ROUNDS = flags.DEFINE_integer("rounds", 2, "alternating rounds over the batch sizes")
 
 
-def evaluate_once(net, x, y, config, batch_size, num_classes):
-    ev = config.eval
+def evaluate_once(net, x, y, config, batch_size):
+    """Seconds, worst case and EOT-PGD-20 (expected) of one evaluation at `batch_size`."""
+    config = config.copy_and_resolve_references()
+    config.eval.batch_size = batch_size
     t0 = time.perf_counter()
-    res = evaluation.evaluate_model(
-        net, x, y, eps=float(config.adv.eps), attacks=tuple(ev.attacks),
-        eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
-        batch_size=batch_size, eps_sweep=tuple(ev.eps_sweep),
-        sweep_examples=int(ev.sweep_examples), num_classes=num_classes,
-        attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
-        predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)), verbose=0)
+    res, _ = evaluate_lib.evaluate_arrays(net, x, y, config, verbose=0)
     eot = (res["attacks"].get("pgd20") or {}).get("eot") or {}
     return time.perf_counter() - t0, res["worst_case"]["expected"], eot.get("expected")
 
@@ -53,14 +47,9 @@ def main(argv):
     if not sizes or min(sizes) < 1 or ROUNDS.value < 1:
         raise app.UsageError("--batch_sizes takes integers >= 1 and --rounds >= 1")
     config = workdir_lib.load_config(WORKDIR.value)
-    evaluation.check_arguments(config.eval.attacks, config.eval.eot_attacks,
-                               config.eval.eot_samples, max(sizes), config.eval.sweep_examples,
-                               config.eval.eps_sweep, tuple(config.eval.get("eot_only", ())))
+    evaluate_lib.check_eval_config(config.eval)
     net = train_lib.load(WORKDIR.value)
-    x_u8, y = data.load_arrays(config.data.name, "test", config.eval.max_examples,
-                               config.data.data_dir)
-    x = x_u8.astype(np.float32) / 255.0
-    classes = data.info(config.data.name).num_classes
+    x, y = evaluate_lib.test_images(config)
     h = host_info()
     print(f"# {WORKDIR.value}: {len(x)} examples; {h['cpu']}, {h['cpu_count']} cores, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
@@ -68,7 +57,7 @@ def main(argv):
     print("| round | batch | s | worst case | PGD-20 EOT |\n|---:|---:|---:|---:|---:|")
     for r in range(1, ROUNDS.value + 1):
         for b in sizes:
-            dt, worst, eot = evaluate_once(net, x, y, config, b, classes)
+            dt, worst, eot = evaluate_once(net, x, y, config, b)
             times[b].append(dt)
             print(f"| {r} | {b} | {dt:.1f} | {worst:.3f} | "
                   f"{'-' if eot is None else f'{eot:.3f}'} |", flush=True)

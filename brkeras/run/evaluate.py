@@ -66,30 +66,43 @@ def _append_worst_case(workdir, result):
                 f"Examples that only one member broke: {only}.\n")
 
 
+def test_images(config):
+    """(x float32 in [0, 1], y) of the config's test split, config.eval.max_examples of them."""
+    x_u8, y = data.load_arrays(config.data.name, "test", config.eval.max_examples,
+                               config.data.data_dir)
+    return x_u8.astype(np.float32) / 255.0, y
+
+
+def evaluate_arrays(net, x, y, config, verbose=1):
+    """evaluation.evaluate_model of `net` on (x, y) with config.eval's settings (checked
+    first); returns (result, worst-case adversarial arrays)."""
+    ev = config.eval
+    check_eval_config(ev)
+    return evaluation.evaluate_model(
+        net, x, y, eps=float(config.adv.eps), attacks=tuple(ev.attacks),
+        eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
+        batch_size=int(ev.batch_size), eps_sweep=tuple(ev.eps_sweep),
+        sweep_examples=int(ev.sweep_examples),
+        num_classes=data.info(config.data.name).num_classes,
+        attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
+        predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)),
+        return_adversarial=True, verbose=verbose)
+
+
 @lock.locked("evaluate")  # one writer per work dir
 def evaluate(workdir, overrides=None, verbose=1):
     """Evaluates the trained model of `workdir`; writes eval.json, report.md, plots."""
     t0 = time.time()
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
-    ev = config.eval
-    check_eval_config(ev)
+    check_eval_config(config.eval)  # before loading anything
     state = workdir_lib.read_state(workdir)
     net = train_lib.load(workdir)
-    info = data.info(config.data.name)
-    x_u8, y = data.load_arrays(config.data.name, "test", ev.max_examples, config.data.data_dir)
-    x = x_u8.astype(np.float32) / 255.0
+    x, y = test_images(config)
     if not state["finished"] and verbose:
         print(f"[evaluate] WARNING {workdir} holds an unfinished training "
               f"({state['completed_epochs']} epochs done); evaluating its last checkpoint",
               flush=True)
-    result, adv = evaluation.evaluate_model(
-        net, x, y, eps=float(config.adv.eps), attacks=tuple(ev.attacks),
-        eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
-        batch_size=int(ev.batch_size), eps_sweep=tuple(ev.eps_sweep),
-        sweep_examples=int(ev.sweep_examples), num_classes=info.num_classes,
-        attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
-        predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)),
-        return_adversarial=True, verbose=verbose)
+    result, adv = evaluate_arrays(net, x, y, config, verbose)
     result["workdir"] = os.path.abspath(workdir)
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
