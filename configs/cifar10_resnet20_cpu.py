@@ -25,7 +25,8 @@ EOT-PGD-20 on 300 images; LiteRT 1-thread latency of the shipped noise-off file)
   float 41.0 / 27.0, 0.171 ms; int8 QAT 43.0 / 26.3, 0.187 ms; ternary 45.3 / 26.7,
   0.171 ms; ternary + sparsity 41.7 / 21.7 with 50% of the block channels (three
   whole blocks) removed, 12.9M of 40.8M MACs, 0.094 ms (2.0x the QAT file's speed).
-  Re-run on 2026-12-04 (18.4 min, AMD EPYC): float 43.7 / 25.0, 0.163 ms; int8 QAT
+  Re-run on 2026-12-04 at 0a1f0ec (18.4 min, AMD EPYC; the sparse model's export
+  re-run after ba839cd's parity fix, README.md): float 43.7 / 25.0, 0.163 ms; int8 QAT
   44.3 / 26.3, 0.179 ms; ternary 45.7 / 24.7, 0.164 ms; ternary + sparsity 41.7 /
   22.3, four whole blocks removed, 12.9M MACs, 0.078 ms (2.3x the QAT file's speed).
   With --config.optim.dtype_policy=mixed_bfloat16 the accuracies moved by up to 2.7
