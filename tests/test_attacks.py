@@ -327,3 +327,52 @@ def test_pgd_with_a_custom_loss_ascends_it_within_the_ball():
         attacks.pgd(model_fn, x, 0.1, 0.02, 10, loss_fn=losses.kl_divergence)  # no y
     with pytest.raises(ValueError, match="restarts=1"):
         attacks.pgd(model_fn, x, 0.1, 0.02, 10, y=p, restarts=2, loss_fn=losses.kl_divergence)
+
+
+# ---------------------------------------------------------------- N-FGSM (a training attack)
+def _sign_constant_model(seed=4, d=12):
+    """logits = [w . x, 0] with label 0: d CE / dx = -(1 - softmax_0) w, so the signed
+    gradient step is -sign(w) at every x."""
+    w = tf.constant(np.random.default_rng(seed).normal(size=(d, 1)).astype(np.float32))
+    fn = lambda z: tf.concat([tf.matmul(tf.reshape(z, [-1, d]), w),  # noqa: E731
+                              tf.zeros([tf.shape(z)[0], 1])], axis=1)
+    return fn, np.sign(w.numpy()[:, 0])
+
+
+def test_nfgsm_is_one_unprojected_step_from_a_uniform_start():
+    fn, s = _sign_constant_model()
+    x = np.full((4000, 12), 0.5, np.float32)  # no box clipping: noise 0.1 + step 0.05 < 0.5
+    y = np.zeros(4000, np.int32)
+    tf.random.set_seed(0)
+    eta = attacks.nfgsm(fn, x, 0.05, noise_scale=2.0, y=y).numpy() - x + 0.05 * s
+    # x_adv = x + eta - eps sign(w) with eta ~ U[-2 eps, 2 eps]: the start, then the step
+    assert np.abs(eta).max() <= 0.1 + 1e-6
+    assert np.abs(eta).max() > 0.099  # the whole noise box is used
+    assert abs(eta.mean()) < 2e-3 and abs(eta.std() - 0.2 / np.sqrt(12)) < 2e-3
+    d = np.abs(attacks.nfgsm(fn, x, 0.05, y=y).numpy() - x).max(1)
+    assert d.max() > 0.05 + 0.03  # it leaves the eps-ball: no projection
+    assert d.max() <= 3 * 0.05 + 1e-6  # (k + 1) eps
+
+
+def test_nfgsm_without_noise_is_fgsm_and_stays_in_the_box(toy):
+    m, x = toy
+    y = np.arange(len(x)) % 4
+    np.testing.assert_allclose(attacks.nfgsm(m, x, 0.05, noise_scale=0.0, y=y).numpy(),
+                               attacks.fgsm(m, x, 0.05, y=y).numpy(), atol=1e-7)
+    xa = attacks.nfgsm(m, x, 0.3, eps_iter=0.2, y=y).numpy()  # many pixels at 0 and 1
+    assert xa.min() >= 0.0 and xa.max() <= 1.0
+    assert np.abs(xa - x).max() <= 0.3 * 2 + 0.2 + 1e-6
+
+
+@pytest.mark.parametrize("call, match", [
+        (lambda f, x: attacks.nfgsm(f, x, -0.1), "eps"),
+        (lambda f, x: attacks.nfgsm(f, x, 0.1, eps_iter=-1.0), "eps_iter"),
+        (lambda f, x: attacks.nfgsm(f, x, 0.1, noise_scale=-2.0), "noise_scale"),
+        (lambda f, x: attacks.nfgsm(f, x, 0.1, clip_min=1., clip_max=0.), "clip_min"),
+        (lambda f, x: attacks.nfgsm(f, x, 0.1, loss_fn=lambda y, z: z), "loss_fn"),
+])
+def test_nfgsm_bad_arguments_raise_before_computing(call, match):
+    before = _Forbidden.calls
+    with pytest.raises(ValueError, match=match):
+        call(_Forbidden(), np.zeros((2, 3), np.float32))
+    assert _Forbidden.calls == before

@@ -77,6 +77,38 @@ def test_attack_in_train_step_respects_box_and_lowers_accuracy():
     assert nat > 0.9 and adv < nat - 0.2
 
 
+@pytest.mark.parametrize("loss_name", ["tradeoff", "trades"])
+def test_nfgsm_training_attack_leaves_the_ball_and_trains(loss_name):
+    """attack="nfgsm": one unprojected step from x + U[-2 eps, 2 eps] (within 3 eps, in
+    the box), and fit lowers the loss as with PGD."""
+    keras.utils.set_random_seed(3)
+    x, y = _toy_data()
+    trainer = adversarial_model.AdversarialModel(_toy_net(), losses.get(loss_name), eps=0.05,
+                                                 eps_iter=0.05, steps=3, attack="nfgsm")
+    x_adv = trainer.adversarial_examples(tf.constant(x), tf.constant(y), training=False).numpy()
+    d = np.abs(x_adv - x).max(axis=(1, 2, 3))
+    assert d.max() <= 0.15 + 1e-6 and d.max() > 0.08 and x_adv.min() >= 0 and x_adv.max() <= 1
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    hist = trainer.fit(x, y, batch_size=64, epochs=6, verbose=0).history
+    assert hist["loss"][-1] < 0.7 * hist["loss"][0]
+
+
+def test_training_attack_arguments_from_the_config():
+    adv = smoke.get_config().adv
+    assert train_lib.attack_arguments(adv)["attack"] == "pgd"
+    assert train_lib.attack_arguments(adv)["eps_iter"] == adv.eps_iter
+    adv.method, adv.nfgsm_step, adv.nfgsm_noise = "nfgsm", 1.25, 1.5
+    a = train_lib.attack_arguments(adv)
+    assert (a["attack"], a["noise_scale"]) == ("nfgsm", 1.5)
+    assert a["eps_iter"] == pytest.approx(1.25 * adv.eps)
+    with pytest.raises(ValueError, match="attack="):
+        adversarial_model.AdversarialModel(_toy_net(), "pgd", 0.1, 0.02, 3, attack="fgsm")
+    c = smoke_config(adv__method="fgsm")
+    with pytest.raises(Exception, match="config.adv.method"):
+        from brkeras.run import config as config_lib  # pylint: disable=import-outside-toplevel
+        config_lib.validate(c)
+
+
 def test_weight_decay_is_l2_on_the_gradient():
     """One SGD step without momentum: w <- w - lr * (g + wd * w)."""
     net = _toy_net()

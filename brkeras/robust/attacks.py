@@ -38,7 +38,7 @@ import numpy as np
 
 from brkeras._keras import tf
 
-__all__ = ["fgsm", "pgd", "ifgsm", "cw_l2", "rescale", "clear_cache"]
+__all__ = ["fgsm", "pgd", "ifgsm", "nfgsm", "cw_l2", "rescale", "clear_cache"]
 
 _NORMS = (np.inf, 2)
 
@@ -245,6 +245,17 @@ def _fgsm_core(model_fn, x, y, eps, clip_min, clip_max, eot, norm, targeted):
     g, _ = _eot_grad(model_fn, x, y, eot, targeted)
     d = _linf_step(g, eps) if norm == np.inf else eps * _l2_normalise(g)
     return tf.stop_gradient(tf.clip_by_value(x + d, clip_min, clip_max))
+
+
+def _nfgsm_core(model_fn, x, y, eps, eps_iter, noise_scale, clip_min, clip_max, loss_fn):
+    """x_adv = clip(x_0 + eps_iter * sign(g(x_0))), x_0 = clip(x + U[-k eps, k eps]^d)."""
+    if loss_fn is None:
+        y = _labels(model_fn, x, y)
+    r = noise_scale * eps
+    x0 = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -r, r, dtype=x.dtype),
+                          clip_min, clip_max)
+    g, _ = _eot_grad(model_fn, x0, y, None, False, loss_fn)
+    return tf.stop_gradient(tf.clip_by_value(x0 + _linf_step(g, eps_iter), clip_min, clip_max))
 
 
 def _pgd_once(model_fn, x, y, eps, eps_iter, nb_iter, clip_min, clip_max, eot, rand_minmax,
@@ -503,6 +514,34 @@ def pgd(model_fn, x, eps, eps_iter, nb_iter, norm=np.inf, clip_min=0., clip_max=
     return _run(_pgd_core, static, model_fn,
                 (x, _y(y), _f(eps), _f(eps_iter), _i(nb_iter), _f(clip_min), _f(clip_max),
                  _n(eot_samples), _f(rand_minmax), _n(restarts)))
+
+
+def nfgsm(model_fn, x, eps, eps_iter=None, noise_scale=2.0, clip_min=0., clip_max=1., y=None,
+          loss_fn=None):
+    """N-FGSM (de Jorge et al., NeurIPS 2022): one signed-gradient step from a large
+    random start, with no projection back to the eps-ball. A training attack.
+
+    x_0 = clip(x + eta), eta ~ U[-k eps, k eps]^d (k = noise_scale, 2 in the paper);
+    x_adv = clip(x_0 + eps_iter * sign(grad_x L(x_0)), clip_min, clip_max),
+    eps_iter = eps by default (the paper's alpha). L is the summed cross-entropy,
+    or `loss_fn(y, logits)` (e.g. TRADES' KL with y = the natural logits). So
+    |x_adv - x|_inf <= (k + 1) eps: the noise and the unprojected step are what
+    keep single-step training from catastrophic overfitting (the paper's finding),
+    at the cost of one gradient per example, against nb_iter for PGD. Not an
+    evaluation attack: it leaves the eps-ball by design.
+    """
+    _check_model(model_fn)
+    _check_common(eps, clip_min, clip_max, 1)
+    if eps_iter is None:
+        eps_iter = eps
+    _check_nonneg("eps_iter", eps_iter)
+    _check_nonneg("noise_scale", noise_scale)
+    if loss_fn is not None and (y is None or not callable(loss_fn)):
+        raise ValueError("loss_fn needs a callable loss_fn(y, logits) and the y it compares "
+                         "against")
+    x = _f(x)
+    return _run(_nfgsm_core, dict(loss_fn=loss_fn), model_fn,
+                (x, _y(y), _f(eps), _f(eps_iter), _f(noise_scale), _f(clip_min), _f(clip_max)))
 
 
 def ifgsm(model_fn, x, eps=0.031, eps_iter=1 / 255, nb_iter=20, clip_min=0., clip_max=1., y=None,

@@ -70,6 +70,12 @@ def base_config():
     c.adv.eps_iter = 2 / 255
     c.adv.steps = 10
     c.adv.rand_init = True
+    # The training attack: "pgd" (steps x eps_iter, projected) or "nfgsm" (de Jorge et
+    # al. 2022: one step of nfgsm_step * eps from x + U[-k eps, k eps], k = nfgsm_noise,
+    # unprojected; one gradient instead of `steps`).
+    c.adv.method = "pgd"
+    c.adv.nfgsm_noise = 2.0
+    c.adv.nfgsm_step = 1.0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "tradeoff"  # one of LOSSES
@@ -202,6 +208,10 @@ def validate(c):
     need(0 <= c.adv.eps_iter and 0 <= c.adv.eps <= 1,
          "config.adv.eps must be in [0, 1] and eps_iter >= 0")
     need(c.adv.steps >= 0, "config.adv.steps must be >= 0")
+    need(c.adv.get("method", "pgd") in ("pgd", "nfgsm"),
+         f"config.adv.method={c.adv.get('method')!r}; choose pgd or nfgsm")
+    need(c.adv.get("nfgsm_noise", 2.0) >= 0 and c.adv.get("nfgsm_step", 1.0) >= 0,
+         "config.adv.nfgsm_noise and config.adv.nfgsm_step (units of eps) must be >= 0")
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
          "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
     need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")

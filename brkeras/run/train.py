@@ -318,6 +318,15 @@ def _checkpoint(net, optimizer, epoch_var):
     return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var)
 
 
+def attack_arguments(adv):
+    """AdversarialModel's attack keyword arguments from config.adv (a config written
+    before config.adv.method existed trains with PGD, as it did)."""
+    method = adv.get("method", "pgd")
+    eps_iter = (adv.get("nfgsm_step", 1.0) * adv.eps if method == "nfgsm" else adv.eps_iter)
+    return dict(eps=adv.eps, eps_iter=eps_iter, steps=adv.steps, rand_init=adv.rand_init,
+                attack=method, noise_scale=adv.get("nfgsm_noise", 2.0))
+
+
 def train(config, workdir, overwrite=False, verbose=None):
     """Trains `config` into `workdir`; resumes an unfinished run there. Returns the history rows.
 
@@ -379,8 +388,7 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
         optimizer = make_optimizer(config, steps)
         trainer = AdversarialModel(
             net, losses.get(config.loss.name, config.loss.a, config.loss.beta),
-            eps=config.adv.eps, eps_iter=config.adv.eps_iter, steps=config.adv.steps,
-            rand_init=config.adv.rand_init, weight_decay=config.optim.weight_decay)
+            weight_decay=config.optim.weight_decay, **attack_arguments(config.adv))
         trainer.compile(optimizer=optimizer)
         # Step logs (progress bar, NaN check) hold each replica's own metric means;
         # Keras' default "sum" would add them up. Epoch logs are global either way.

@@ -27,6 +27,9 @@ def trades_attack(model_fn, x, eps, eps_iter, nb_iter, clip_min=0.0, clip_max=1.
                        rand_minmax=min(0.001, eps), loss_fn=losses.kl_divergence)
 
 
+ATTACKS = ("pgd", "nfgsm")  # training attacks: config.adv.method
+
+
 class AdversarialModel(keras.Model):
     """Trains `net` with PGD examples crafted inside the train step.
 
@@ -34,8 +37,13 @@ class AdversarialModel(keras.Model):
         net: the functional network (float or `quantize_model`-ed); shares its variables.
         loss: a name of robust.losses.NAMES ("natural", "pgd", "tradeoff", "trades")
             or a `losses.get(name, a=..., beta=...)`.
-        eps, eps_iter, steps: L-inf PGD radius, step and number of steps.
+        eps, eps_iter, steps: L-inf radius, step and number of PGD steps.
         rand_init: PGD's uniform random start.
+        attack: "pgd" (Madry's PGD, `steps` steps of eps_iter) or "nfgsm" (one step
+            of eps_iter from x + U[-noise_scale eps, noise_scale eps], unprojected:
+            attacks.nfgsm; de Jorge et al. use eps_iter = eps, noise_scale = 2;
+            `steps` and `rand_init` are then unused).
+        noise_scale: N-FGSM's noise radius in units of eps.
         weight_decay: L2 coefficient added to the gradient of every trainable weight.
 
     Example:
@@ -49,10 +57,15 @@ class AdversarialModel(keras.Model):
     """
 
     def __init__(self, net, loss, eps, eps_iter, steps, rand_init=True,
-                 weight_decay=0.0, **kwargs):
+                 weight_decay=0.0, attack="pgd", noise_scale=2.0, **kwargs):
         super().__init__(name=kwargs.pop("name", "adversarial_trainer"), **kwargs)
         if eps < 0 or eps_iter < 0 or steps < 0:
             raise ValueError(f"eps, eps_iter and steps must be >= 0, got {eps}, {eps_iter}, {steps}")
+        if attack not in ATTACKS:
+            raise ValueError(f"attack={attack!r}; choose one of {ATTACKS} (config.adv.method)")
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale={noise_scale}; N-FGSM's noise radius must be >= 0 "
+                             "(config.adv.nfgsm_noise)")
         if isinstance(loss, str):
             loss = losses.get(loss)
         if not isinstance(loss, losses.Loss):
@@ -61,6 +74,7 @@ class AdversarialModel(keras.Model):
         self.loss_spec = loss
         self.eps, self.eps_iter, self.steps = float(eps), float(eps_iter), int(steps)
         self.rand_init = bool(rand_init)
+        self.attack, self.noise_scale = attack, float(noise_scale)
         self.weight_decay = float(weight_decay)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.nat_acc = keras.metrics.SparseCategoricalAccuracy(name="nat_acc")
@@ -79,11 +93,17 @@ class AdversarialModel(keras.Model):
         return tf.cast(self.net(x, training=training), tf.float32)
 
     def adversarial_examples(self, x, y, training):
-        """PGD examples for the loss's attack ("ce" or "kl"); x itself if none."""
+        """PGD (or N-FGSM) examples for the loss's attack ("ce" or "kl"); x itself if none."""
         kind = self.loss_spec.attack
-        if kind is None or self.steps == 0 or self.eps == 0:
+        if kind is None or self.eps == 0 or (self.attack == "pgd" and self.steps == 0):
             return x
         model_fn = lambda z: self._logits(z, training)  # noqa: E731
+        if self.attack == "nfgsm":
+            if kind == "kl":  # TRADES' KL(f(x) || f(x')) from the N-FGSM start
+                p_logits = tf.stop_gradient(self._logits(x, training))
+                return attacks.nfgsm(model_fn, x, self.eps, self.eps_iter, self.noise_scale,
+                                     y=p_logits, loss_fn=losses.kl_divergence)
+            return attacks.nfgsm(model_fn, x, self.eps, self.eps_iter, self.noise_scale, y=y)
         if kind == "kl":
             return trades_attack(model_fn, x, self.eps, self.eps_iter, self.steps)
         return attacks.pgd(model_fn, x, self.eps, self.eps_iter, self.steps, norm=np.inf,
