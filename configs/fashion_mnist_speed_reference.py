@@ -28,6 +28,7 @@ def _default_config():
 
 def get_config(arg=None):
     c = _default_config()
+    c.adv.method = "pgd"  # 084a4ca's training attack, PGD-3, whatever the default becomes
     c.eval.attacks = ("fgsm", "ifgsm20", "pgd20", "cw")
     c.eval.eot_attacks = ("pgd20",)
     c.export.formats = ("float32", "dynamic_int8", "full_int8")

@@ -74,6 +74,29 @@ def test_square_on_a_tflite_file_stays_in_the_ball_and_breaks_a_natural_model(fi
     assert np.all(info["queries"] <= 300) and info["success"].mean() >= 1 - after - 1e-9
 
 
+def test_square_sharded_is_the_one_stream_attack_per_shard(files):
+    """workers=1 is square_attack with default_rng(seed); with 3 workers each shard is
+    square_attack on its slice with default_rng([*seed, j]), the results in x's order."""
+    _, _, records, x, y = files
+    path, x, y = records[0]["path"], x[:30], y[:30]  # the noise-off file: deterministic
+    kw = dict(n_queries=60, p_init=0.05, eot_samples=1)
+    runner = parity.TFLiteModel(path)
+    one, info1 = robustness.square_sharded(path, x, y, EPS, workers=1, seed=(0, 1), **kw)
+    ref, ref_info = square_attack(runner.logits, x, EPS, y=y, seed=np.random.default_rng([0, 1]),
+                                  **kw)
+    np.testing.assert_array_equal(one, ref)
+    np.testing.assert_array_equal(info1["queries"], ref_info["queries"])
+    three, info3 = robustness.square_sharded(path, x, y, EPS, workers=3, seed=(0, 1), **kw)
+    for j, idx in enumerate(np.array_split(np.arange(30), 3)):
+        part, part_info = square_attack(runner.logits, x[idx], EPS, y=y[idx],
+                                        seed=np.random.default_rng([0, 1, j]), **kw)
+        np.testing.assert_array_equal(three[idx], part)
+        np.testing.assert_array_equal(info3["success"][idx], part_info["success"])
+    assert set(info3) == set(ref_info) and len(info3["margin"]) == 30
+    more, _ = robustness.square_sharded(path, x[:2], y[:2], EPS, workers=4, seed=(0,), **kw)
+    assert more.shape == x[:2].shape  # more workers than examples: empty shards dropped
+
+
 def test_evaluate_files_transfer_and_square(files):
     m, det, records, x, y = files
     x_adv = attacks.pgd(lambda v: m(v, training=False), x, EPS, EPS / 4, 20, y=y).numpy()
@@ -115,6 +138,8 @@ def test_evaluate_files_refuses_bad_input(files):
         robustness.evaluate_files([], x, y, x, eps=EPS)
     with pytest.raises(ValueError, match="square_queries"):
         robustness.evaluate_files(records, x, y, x, eps=EPS, square_queries=0)
+    with pytest.raises(ValueError, match="tflite_workers"):
+        robustness.evaluate_files(records, x, y, x, eps=EPS, workers=0)
 
 
 # ---- the evaluate_tflite stage ---------------------------------------------------------
@@ -187,3 +212,10 @@ def test_stage_needs_evaluate_and_export_first(staged, tmp_path):
             dst.write(src.read())
     with pytest.raises(errors.WorkdirError, match="brkeras evaluate"):
         run_evaluate.evaluate_tflite(str(bare), overrides=over, verbose=0)
+
+
+def test_tflite_workers_default_to_the_cores():
+    assert run_evaluate.tflite_workers({"tflite_workers": 0}) == min(8, os.cpu_count() or 1)
+    assert run_evaluate.tflite_workers({"tflite_workers": 3}) == 3
+    with pytest.raises(ValueError, match="config.eval.tflite_workers"):
+        run_evaluate.tflite_workers({"tflite_workers": -1})

@@ -20,8 +20,13 @@ judged again with fresh draws.
 Cost (LiteRT, 1 thread): a noise-off file runs in batches; a noisy file has a
 fixed batch of 1 (its NoiseBank), so Square costs ~examples x queries x
 square_eot_samples invokes of ~0.1 ms for the default Fashion-MNIST model.
+That is one core's work: with `workers` > 1, Square's examples are split into
+that many shards, each attacked by its own interpreter in its own thread
+(LiteRT's invoke releases the GIL). Each shard has its own random stream, so
+the draws depend on (seed, workers); workers=1 is the one-stream attack.
 """
 
+import concurrent.futures
 import time
 
 import numpy as np
@@ -45,7 +50,33 @@ def expected_predictions(runner, x, draws, batch_size=256):
     return np.asarray(p).argmax(1)
 
 
-def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust):
+def square_sharded(path, x, y, eps, *, workers=1, seed=(0,), num_threads=1, batch_size=256,
+                   **square_kwargs):
+    """Square Attack on the TFLite file `path`, its examples split over `workers` threads.
+
+    Each shard j runs `square_attack` with its own interpreter and the generator
+    np.random.default_rng([*seed, j]) (workers=1: default_rng(seed), one stream);
+    returns (x_adv, info) concatenated in the order of x.
+    """
+    shards = [i for i in np.array_split(np.arange(len(x)), max(1, int(workers))) if len(i)]
+
+    def attack(j, idx):
+        runner = TFLiteModel(path, num_threads=num_threads)
+        rng = np.random.default_rng(list(seed) + ([j] if len(shards) > 1 else []))
+        return square_attack(lambda a: runner.logits(a, batch_size), x[idx], eps, y=y[idx],
+                             seed=rng, **square_kwargs)
+
+    if len(shards) == 1:
+        results = [attack(0, shards[0])]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
+            results = list(pool.map(attack, range(len(shards)), shards))
+    info = {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
+    return np.concatenate([r[0] for r in results]), info
+
+
+def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust,
+           workers):
     if not files:
         raise ValueError("files is empty: pass [{'file', 'path', 'noise'}] of the exported "
                          "files to attack (export.json's records)")
@@ -57,7 +88,7 @@ def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whit
                          "examples (>= 1), clean and adversarial")
     if not 0 <= eps <= 1:
         raise ValueError(f"eps={eps}; give the L-inf radius of the evaluation, in [0, 1]")
-    for name, field, v in (("draws", "eot_samples", draws),
+    for name, field, v in (("draws", "eot_samples", draws), ("workers", "tflite_workers", workers),
                            ("square_queries", "square_queries", square_queries)):
         if int(v) < 1:
             raise ValueError(f"{name}={v} (config.eval.{field}); it must be >= 1")
@@ -71,7 +102,7 @@ def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whit
 
 def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, square_queries=500,
                    square_p_init=0.05, square_eot_samples=1, whitebox_robust=None, seed=0,
-                   batch_size=256, num_threads=1, verbose=0):
+                   batch_size=256, num_threads=1, workers=1, verbose=0):
     """Transfer and Square Attack accuracies of TFLite files.
 
     Args:
@@ -85,7 +116,9 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
             example (the clean query included), initial square share, draws per query.
         whitebox_robust: bool [N], the Keras worst case per example, for the
             black-box >= white-box check on the Square examples.
-        seed: Square's random squares and signs (one stream per file).
+        seed: Square's random squares and signs (one stream per file and shard).
+        num_threads: LiteRT threads per interpreter.
+        workers: Square's shards, attacked in parallel threads (square_sharded).
 
     Returns:
         dict(eps, n_examples, draws, files {name: {noise, format, draws, natural,
@@ -98,7 +131,8 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
     x_adv = np.asarray(x_adv, np.float32)
     y = np.asarray(y).reshape(-1).astype(np.int64)
     eps = float(eps)
-    _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust)
+    _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust,
+           workers)
     linf = float(np.abs(x_adv - x).reshape(len(x), -1).max())
     if linf > eps + 1e-5:
         raise ValueError(f"x_adv is up to {linf:.4g} from x, outside the eps={eps} ball; pass "
@@ -123,11 +157,11 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
         entry["square"] = None
         if k:
             t_sq = time.time()
-            rng = np.random.default_rng([int(seed), i])
-            x_sq, info = square_attack(lambda a: runner.logits(a, batch_size), x[:k], eps,
-                                       n_queries=int(square_queries), p_init=float(square_p_init),
-                                       y=y[:k], eot_samples=int(square_eot_samples) if f["noise"]
-                                       else 1, seed=rng)
+            x_sq, info = square_sharded(
+                    f["path"], x[:k], y[:k], eps, workers=workers, seed=(int(seed), i),
+                    num_threads=num_threads, batch_size=batch_size,
+                    n_queries=int(square_queries), p_init=float(square_p_init),
+                    eot_samples=int(square_eot_samples) if f["noise"] else 1)
             acc = float(np.mean(expected_predictions(runner, x_sq, d, batch_size) == y[:k]))
             entry["square"] = dict(
                 accuracy=acc, attack_success=float(np.mean(info["success"])), n_examples=k,

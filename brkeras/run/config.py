@@ -132,6 +132,9 @@ def base_config():
     c.eval.square_queries = 500
     c.eval.square_p_init = 0.05
     c.eval.square_eot_samples = 1  # draws per query on a noisy file
+    # Square's examples split over this many threads, one interpreter each (0 = one
+    # per CPU core): a batch-1 noisy file is otherwise one core's work.
+    c.eval.tflite_workers = 0
 
     c.export = ml_collections.ConfigDict()
     c.export.formats = ("float32", "dynamic_int8", "full_int8")

@@ -126,6 +126,14 @@ def evaluate(workdir, overrides=None, verbose=1):
     return result
 
 
+def tflite_workers(ev):
+    """config.eval.tflite_workers, 0 meaning one per CPU core (at most 8)."""
+    n = int(ev.get("tflite_workers", 0))
+    if n < 0:
+        raise ValueError(f"config.eval.tflite_workers={n}; give >= 1, or 0 for one per CPU core")
+    return n or min(8, os.cpu_count() or 1)
+
+
 def shipped_files(export):
     """export.json's records of the files that ship: noise-off int8, then noisy int8
     (the summary's choice, workdir.shipped_file)."""
@@ -144,6 +152,7 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
     t0 = time.time()
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     ev = config.eval
+    workers = tflite_workers(ev)
     npz = os.path.join(workdir, workdir_lib.ADVERSARIAL_NPZ)
     ex_path = os.path.join(workdir, workdir_lib.EXPORT_JSON)
     if not os.path.exists(npz):
@@ -171,7 +180,7 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         square_queries=int(ev.get("square_queries", 500)),
         square_p_init=float(ev.get("square_p_init", 0.05)),
         square_eot_samples=int(ev.get("square_eot_samples", 1)), whitebox_robust=robust[:k],
-        seed=int(config.seed), verbose=verbose)
+        seed=int(config.seed), workers=workers, verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
