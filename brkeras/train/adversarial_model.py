@@ -1,7 +1,8 @@
-"""Adversarial training through plain `model.fit`: the PGD train step.
+"""Adversarial training through plain `model.fit`: the PGD (or N-FGSM) train step.
 
 `AdversarialModel` wraps the (possibly tfmot-quantized) functional network and
-shares its variables. Its `train_step` crafts L-inf PGD examples on the current
+shares its variables. Its `train_step` crafts L-inf PGD examples (or N-FGSM's
+single unprojected step, `attack="nfgsm"`) on the current
 weights u (the Binary-Relax quantizer's forward does not depend on the training
 flag, so the attack and the loss see the same u), stops the gradient through
 them, and applies the named loss of `brkeras.robust.losses`. L2 weight decay is
@@ -31,7 +32,7 @@ ATTACKS = ("pgd", "nfgsm")  # training attacks: config.adv.method
 
 
 class AdversarialModel(keras.Model):
-    """Trains `net` with PGD examples crafted inside the train step.
+    """Trains `net` with PGD (or N-FGSM) examples crafted inside the train step.
 
     Args:
         net: the functional network (float or `quantize_model`-ed); shares its variables.
