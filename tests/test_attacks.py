@@ -354,6 +354,21 @@ def test_nfgsm_is_one_unprojected_step_from_a_uniform_start():
     assert d.max() <= 3 * 0.05 + 1e-6  # (k + 1) eps
 
 
+def test_nfgsm_takes_the_gradient_at_the_noisy_start():
+    """logits [sum_d w_d (z_d - 0.5)^2, 0], label 0: d CE / dz_d has the sign of
+    -w_d (z_d - 0.5), so from x = 0.5 the step at x + eta is -eps_iter sign(w) sign(eta):
+    |x_adv - x| = |eta| + eps_iter where w < 0 and ||eta| - eps_iter| where w > 0 (at x
+    itself the gradient would be 0 and x_adv - x = eta)."""
+    d = 12
+    w = np.random.default_rng(5).normal(size=d).astype(np.float32)
+    fn = lambda z: tf.stack([tf.reduce_sum(w * (tf.reshape(z, [-1, d]) - 0.5) ** 2, 1),  # noqa
+                             tf.zeros([tf.shape(z)[0]])], axis=1)
+    x = np.full((2000, d), 0.5, np.float32)
+    dist = np.abs(attacks.nfgsm(fn, x, 0.05, y=np.zeros(2000, np.int32)).numpy() - x)
+    assert dist[:, w < 0].min() >= 0.05 - 1e-6 and dist[:, w < 0].max() > 0.14
+    assert dist[:, w > 0].max() <= 0.05 + 1e-6
+
+
 def test_nfgsm_without_noise_is_fgsm_and_stays_in_the_box(toy):
     m, x = toy
     y = np.arange(len(x)) % 4

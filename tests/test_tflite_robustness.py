@@ -75,26 +75,34 @@ def test_square_on_a_tflite_file_stays_in_the_ball_and_breaks_a_natural_model(fi
 
 
 def test_square_sharded_is_the_one_stream_attack_per_shard(files):
-    """workers=1 is square_attack with default_rng(seed); with 3 workers each shard is
-    square_attack on its slice with default_rng([*seed, j]), the results in x's order."""
+    """shards=1 is square_attack with default_rng(seed); with 3 shards each is
+    square_attack on its slice with default_rng([*seed, j]), in x's order, whatever
+    the number of threads."""
     _, _, records, x, y = files
     path, x, y = records[0]["path"], x[:30], y[:30]  # the noise-off file: deterministic
     kw = dict(n_queries=60, p_init=0.05, eot_samples=1)
     runner = parity.TFLiteModel(path)
-    one, info1 = robustness.square_sharded(path, x, y, EPS, workers=1, seed=(0, 1), **kw)
+    one, info1 = robustness.square_sharded(path, x, y, EPS, shards=1, workers=2, seed=(0, 1),
+                                           **kw)
     ref, ref_info = square_attack(runner.logits, x, EPS, y=y, seed=np.random.default_rng([0, 1]),
                                   **kw)
     np.testing.assert_array_equal(one, ref)
     np.testing.assert_array_equal(info1["queries"], ref_info["queries"])
-    three, info3 = robustness.square_sharded(path, x, y, EPS, workers=3, seed=(0, 1), **kw)
+    three, info3 = robustness.square_sharded(path, x, y, EPS, shards=3, workers=3, seed=(0, 1),
+                                             **kw)
     for j, idx in enumerate(np.array_split(np.arange(30), 3)):
         part, part_info = square_attack(runner.logits, x[idx], EPS, y=y[idx],
                                         seed=np.random.default_rng([0, 1, j]), **kw)
         np.testing.assert_array_equal(three[idx], part)
         np.testing.assert_array_equal(info3["success"][idx], part_info["success"])
     assert set(info3) == set(ref_info) and len(info3["margin"]) == 30
-    more, _ = robustness.square_sharded(path, x[:2], y[:2], EPS, workers=4, seed=(0,), **kw)
-    assert more.shape == x[:2].shape  # more workers than examples: empty shards dropped
+    serial, _ = robustness.square_sharded(path, x, y, EPS, shards=3, workers=1, seed=(0, 1), **kw)
+    np.testing.assert_array_equal(serial, three)  # threads change the time, not the result
+    few, _ = robustness.square_sharded(path, x[:2], y[:2], EPS, shards=8, workers=2, seed=0, **kw)
+    assert few.shape == x[:2].shape  # more shards than examples: the empty ones are skipped
+    for bad in (dict(shards=0), dict(workers=0)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            robustness.square_sharded(path, x, y, EPS, **bad, **kw)
 
 
 def test_evaluate_files_transfer_and_square(files):

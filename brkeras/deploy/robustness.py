@@ -20,10 +20,11 @@ judged again with fresh draws.
 Cost (LiteRT, 1 thread): a noise-off file runs in batches; a noisy file has a
 fixed batch of 1 (its NoiseBank), so Square costs ~examples x queries x
 square_eot_samples invokes of ~0.1 ms for the default Fashion-MNIST model.
-That is one core's work: with `workers` > 1, Square's examples are split into
-that many shards, each attacked by its own interpreter in its own thread
-(LiteRT's invoke releases the GIL). Each shard has its own random stream, so
-the draws depend on (seed, workers); workers=1 is the one-stream attack.
+That is one core's work, so Square's examples are split into `shards` fixed
+shards, each with its own random stream (the results depend on seed and shards,
+not on the machine), attacked by `workers` threads with one interpreter each
+(LiteRT's invoke releases the GIL; the threads in use are workers x
+num_threads). shards=1 is the one-stream attack.
 """
 
 import concurrent.futures
@@ -50,33 +51,42 @@ def expected_predictions(runner, x, draws, batch_size=256):
     return np.asarray(p).argmax(1)
 
 
-def square_sharded(path, x, y, eps, *, workers=1, seed=(0,), num_threads=1, batch_size=256,
-                   **square_kwargs):
-    """Square Attack on the TFLite file `path`, its examples split over `workers` threads.
+def square_sharded(path, x, y, eps, *, shards=1, workers=1, seed=0, num_threads=1,
+                   batch_size=256, **square_kwargs):
+    """Square Attack on the TFLite file `path`, its examples in `shards` shards
+    attacked by `workers` threads.
 
-    Each shard j runs `square_attack` with its own interpreter and the generator
-    np.random.default_rng([*seed, j]) (workers=1: default_rng(seed), one stream);
-    returns (x_adv, info) concatenated in the order of x.
+    Shard j (np.array_split of x's order) runs `square_attack` with its own
+    interpreter and the generator np.random.default_rng([*seed, j]); with shards=1,
+    default_rng(seed): the one-stream attack. seed is an int or a sequence of ints.
+    Returns (x_adv, info) in the order of x; the same for any `workers`.
     """
-    shards = [i for i in np.array_split(np.arange(len(x)), max(1, int(workers))) if len(i)]
+    for name, v in (("shards", shards), ("workers", workers)):
+        if int(v) < 1:
+            raise ValueError(f"{name}={v}; pass an integer >= 1")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} examples and y {len(y)}; give the same number")
+    seed = [int(s) for s in np.atleast_1d(seed)]
+    parts = np.array_split(np.arange(len(x)), int(shards))
 
-    def attack(j, idx):
+    def attack(j):
         runner = TFLiteModel(path, num_threads=num_threads)
-        rng = np.random.default_rng(list(seed) + ([j] if len(shards) > 1 else []))
-        return square_attack(lambda a: runner.logits(a, batch_size), x[idx], eps, y=y[idx],
-                             seed=rng, **square_kwargs)
+        rng = np.random.default_rng(seed + [j] if int(shards) > 1 else seed)
+        return square_attack(lambda a: runner.logits(a, batch_size), x[parts[j]], eps,
+                             y=y[parts[j]], seed=rng, **square_kwargs)
 
-    if len(shards) == 1:
-        results = [attack(0, shards[0])]
+    jobs = [j for j in range(len(parts)) if len(parts[j])]
+    if int(workers) == 1 or len(jobs) == 1:
+        results = [attack(j) for j in jobs]
     else:
-        with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
-            results = list(pool.map(attack, range(len(shards)), shards))
+        with concurrent.futures.ThreadPoolExecutor(min(int(workers), len(jobs))) as pool:
+            results = list(pool.map(attack, jobs))
     info = {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
     return np.concatenate([r[0] for r in results]), info
 
 
 def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust,
-           workers):
+           workers, shards, square_p_init, square_eot_samples):
     if not files:
         raise ValueError("files is empty: pass [{'file', 'path', 'noise'}] of the exported "
                          "files to attack (export.json's records)")
@@ -88,10 +98,17 @@ def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whit
                          "examples (>= 1), clean and adversarial")
     if not 0 <= eps <= 1:
         raise ValueError(f"eps={eps}; give the L-inf radius of the evaluation, in [0, 1]")
-    for name, field, v in (("draws", "eot_samples", draws), ("workers", "tflite_workers", workers),
-                           ("square_queries", "square_queries", square_queries)):
+    for name, field, v in (("draws", "eot_samples", draws), ("shards", "square_shards", shards),
+                           ("square_queries", "square_queries", square_queries),
+                           ("square_eot_samples", "square_eot_samples", square_eot_samples)):
         if int(v) < 1:
             raise ValueError(f"{name}={v} (config.eval.{field}); it must be >= 1")
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}; pass >= 1 (config.eval.tflite_workers=0 becomes "
+                         "the core count in run.evaluate.tflite_workers)")
+    if not 0 < float(square_p_init) <= 1:
+        raise ValueError(f"square_p_init={square_p_init} (config.eval.square_p_init); give a "
+                         "share of the image in (0, 1], e.g. 0.05")
     if int(square_examples) < 0:
         raise ValueError(f"square_examples={square_examples} (config.eval.square_examples); "
                          "give >= 0 (0 = no Square Attack)")
@@ -102,7 +119,7 @@ def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whit
 
 def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, square_queries=500,
                    square_p_init=0.05, square_eot_samples=1, whitebox_robust=None, seed=0,
-                   batch_size=256, num_threads=1, workers=1, verbose=0):
+                   batch_size=256, num_threads=1, shards=1, workers=1, verbose=0):
     """Transfer and Square Attack accuracies of TFLite files.
 
     Args:
@@ -118,7 +135,8 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
             black-box >= white-box check on the Square examples.
         seed: Square's random squares and signs (one stream per file and shard).
         num_threads: LiteRT threads per interpreter.
-        workers: Square's shards, attacked in parallel threads (square_sharded).
+        shards, workers: Square's examples in that many shards, attacked by that
+            many threads (square_sharded); the results depend on shards only.
 
     Returns:
         dict(eps, n_examples, draws, files {name: {noise, format, draws, natural,
@@ -132,7 +150,7 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
     y = np.asarray(y).reshape(-1).astype(np.int64)
     eps = float(eps)
     _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whitebox_robust,
-           workers)
+           workers, shards, square_p_init, square_eot_samples)
     linf = float(np.abs(x_adv - x).reshape(len(x), -1).max())
     if linf > eps + 1e-5:
         raise ValueError(f"x_adv is up to {linf:.4g} from x, outside the eps={eps} ball; pass "
@@ -158,7 +176,8 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
         if k:
             t_sq = time.time()
             x_sq, info = square_sharded(
-                    f["path"], x[:k], y[:k], eps, workers=workers, seed=(int(seed), i),
+                    f["path"], x[:k], y[:k], eps, shards=shards, workers=workers,
+                    seed=(int(seed), i),
                     num_threads=num_threads, batch_size=batch_size,
                     n_queries=int(square_queries), p_init=float(square_p_init),
                     eot_samples=int(square_eot_samples) if f["noise"] else 1)
@@ -168,8 +187,8 @@ def evaluate_files(files, x, y, x_adv, *, eps, draws=4, square_examples=200, squ
                 n_queries=int(square_queries), mean_queries=float(np.mean(info["queries"])),
                 max_linf=float(np.abs(x_sq - x[:k]).reshape(k, -1).max()),
                 p_init=float(square_p_init),
-                eot_samples=int(square_eot_samples) if f["noise"] else 1,
-                time_s=round(time.time() - t_sq, 1))
+                eot_samples=int(square_eot_samples) if f["noise"] else 1, shards=int(shards),
+                workers=int(workers), time_s=round(time.time() - t_sq, 1))
             say(f"[evaluate_tflite] {f['file']}: Square ({square_queries} queries, {k} "
                 f"examples) accuracy {acc:.4f} ({entry['square']['time_s']} s)", flush=True)
             if whitebox_robust is not None:

@@ -525,7 +525,8 @@ def nfgsm(model_fn, x, eps, eps_iter=None, noise_scale=2.0, clip_min=0., clip_ma
     x_adv = clip(x_0 + eps_iter * sign(grad_x L(x_0)), clip_min, clip_max),
     eps_iter = eps by default (the paper's alpha). L is the summed cross-entropy,
     or `loss_fn(y, logits)` (e.g. TRADES' KL with y = the natural logits). So
-    |x_adv - x|_inf <= (k + 1) eps: the noise and the unprojected step are what
+    |x_adv - x|_inf <= k eps + eps_iter ((k + 1) eps at the default step): the
+    noise and the unprojected step are what
     keep single-step training from catastrophic overfitting (the paper's finding),
     at the cost of one gradient per example, against nb_iter for PGD. Not an
     evaluation attack: it leaves the eps-ball by design.

@@ -132,8 +132,11 @@ def base_config():
     c.eval.square_queries = 500
     c.eval.square_p_init = 0.05
     c.eval.square_eot_samples = 1  # draws per query on a noisy file
-    # Square's examples split over this many threads, one interpreter each (0 = one
-    # per CPU core): a batch-1 noisy file is otherwise one core's work.
+    # Square's examples, in square_shards fixed shards (each its own random stream, so
+    # results do not depend on the machine), attacked by this many threads with one
+    # interpreter each (0 = one per CPU core, at most 8): a batch-1 noisy file is
+    # otherwise one core's work.
+    c.eval.square_shards = 8
     c.eval.tflite_workers = 0
 
     c.export = ml_collections.ConfigDict()
@@ -215,6 +218,13 @@ def validate(c):
          f"config.adv.method={c.adv.get('method')!r}; choose pgd or nfgsm")
     need(c.adv.get("nfgsm_noise", 2.0) >= 0 and c.adv.get("nfgsm_step", 1.0) >= 0,
          "config.adv.nfgsm_noise and config.adv.nfgsm_step (units of eps) must be >= 0")
+    need(not (c.adv.get("method", "pgd") == "nfgsm" and c.loss.name == "trades"
+              and c.adv.get("nfgsm_noise", 2.0) == 0),
+         "config.adv.nfgsm_noise=0 with the TRADES loss: KL(f(x) || f(x')) has zero gradient "
+         "at x' = x, so there would be no attack; give nfgsm_noise > 0 (2 in the paper)")
+    need(c.eval.get("tflite_workers", 0) >= 0 and c.eval.get("square_shards", 8) >= 1,
+         "config.eval.tflite_workers must be >= 0 (0 = one per core) and "
+         "config.eval.square_shards >= 1")
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
          "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
     need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")

@@ -107,7 +107,8 @@ def evaluate(workdir, overrides=None, verbose=1):
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
     result["time_s"] = round(time.time() - t0, 1)
-    report.write_eval_report(workdir, result, workdir_lib.read_metrics(workdir))
+    report.write_eval_report(workdir, result, workdir_lib.read_metrics(workdir),
+                             train_attack=config.adv.get("method", "pgd"))
     _append_worst_case(workdir, result)
     write_npz(os.path.join(workdir, workdir_lib.ADVERSARIAL_NPZ), eps=np.float32(result["eps"]),
               **adv)
@@ -127,11 +128,13 @@ def evaluate(workdir, overrides=None, verbose=1):
 
 
 def tflite_workers(ev):
-    """config.eval.tflite_workers, 0 meaning one per CPU core (at most 8)."""
+    """config.eval.tflite_workers, 0 meaning one per CPU core this process may use
+    (its affinity, so a container's limit counts), at most 8."""
     n = int(ev.get("tflite_workers", 0))
     if n < 0:
         raise ValueError(f"config.eval.tflite_workers={n}; give >= 1, or 0 for one per CPU core")
-    return n or min(8, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return n or min(8, cores or 1)
 
 
 def shipped_files(export):
@@ -180,7 +183,8 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         square_queries=int(ev.get("square_queries", 500)),
         square_p_init=float(ev.get("square_p_init", 0.05)),
         square_eot_samples=int(ev.get("square_eot_samples", 1)), whitebox_robust=robust[:k],
-        seed=int(config.seed), workers=workers, verbose=verbose)
+        seed=int(config.seed), shards=int(ev.get("square_shards", 1)), workers=workers,
+        verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)

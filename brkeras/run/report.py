@@ -55,7 +55,11 @@ def plot_sparsity(report, path):
     plt.close(fig)
 
 
-def plot_training_curves(metrics, path):
+TRAIN_ATTACK_LABELS = {"pgd": "PGD (train attack)",
+                       "nfgsm": "N-FGSM (train attack, up to (k+1) eps)"}
+
+
+def plot_training_curves(metrics, path, train_attack="pgd"):
     if not metrics:
         return False
     epochs = [r["epoch"] for r in metrics]
@@ -64,7 +68,8 @@ def plot_training_curves(metrics, path):
     a1.set_xlabel("epoch")
     a1.set_ylabel("training loss")
     a1.grid(alpha=0.3)
-    for key, label in (("nat_acc", "natural"), ("adv_acc", "PGD (train attack)")):
+    for key, label in (("nat_acc", "natural"),
+                       ("adv_acc", TRAIN_ATTACK_LABELS.get(train_attack, train_attack))):
         if key in metrics[0]:
             a2.plot(epochs, [100 * r[key] for r in metrics], "o-", label=label)
     a2.set_xlabel("epoch")
@@ -77,17 +82,19 @@ def plot_training_curves(metrics, path):
     return True
 
 
-def write_eval_report(workdir, result, metrics):
+def write_eval_report(workdir, result, metrics, train_attack="pgd"):
     """report.md and plots/ of an evaluation result (the eval.json dict).
 
     Plots: plots/accuracy_vs_eps.png, plots/sparsity_per_layer.png and, when
-    `metrics` (the metrics.jsonl rows) is not empty, plots/training_curves.png.
+    `metrics` (the metrics.jsonl rows) is not empty, plots/training_curves.png
+    (its adversarial curve labelled by `train_attack`, config.adv.method).
     """
     plots = os.path.join(workdir, PLOTS)
     os.makedirs(plots, exist_ok=True)
     plot_accuracy_vs_eps(result["eps_sweep"], os.path.join(plots, "accuracy_vs_eps.png"))
     plot_sparsity(result["sparsity"], os.path.join(plots, "sparsity_per_layer.png"))
-    has_curves = plot_training_curves(metrics, os.path.join(plots, "training_curves.png"))
+    has_curves = plot_training_curves(metrics, os.path.join(plots, "training_curves.png"),
+                                      train_attack)
 
     nat = result["natural_acc"]
     noise = result["noise"]

@@ -19,10 +19,15 @@ from brkeras.robust import losses
 from brkeras._keras import keras, tf
 
 
-def trades_attack(model_fn, x, eps, eps_iter, nb_iter, clip_min=0.0, clip_max=1.0):
-    """TRADES' inner maximisation: L-inf PGD on KL(f(x) || f(x')) from x + U[-0.001, 0.001]
-    (TRADES starts from x + 0.001 N(0, I); a start this small only breaks the tie at x)."""
+def trades_attack(model_fn, x, eps, eps_iter, nb_iter, clip_min=0.0, clip_max=1.0,
+                  method="pgd", noise_scale=2.0):
+    """TRADES' inner maximisation of KL(f(x) || f(x')): L-inf PGD from x + U[-0.001, 0.001]
+    (TRADES starts from x + 0.001 N(0, I); a start this small only breaks the tie at x),
+    or with method="nfgsm" one N-FGSM step from x + U[-noise_scale eps, noise_scale eps]."""
     p_logits = tf.stop_gradient(tf.cast(model_fn(x), tf.float32))
+    if method == "nfgsm":
+        return attacks.nfgsm(model_fn, x, eps, eps_iter, noise_scale, clip_min=clip_min,
+                             clip_max=clip_max, y=p_logits, loss_fn=losses.kl_divergence)
     return attacks.pgd(model_fn, x, eps, eps_iter, nb_iter, clip_min=clip_min,
                        clip_max=clip_max, y=p_logits, rand_init=True,
                        rand_minmax=min(0.001, eps), loss_fn=losses.kl_divergence)
@@ -71,6 +76,10 @@ class AdversarialModel(keras.Model):
             loss = losses.get(loss)
         if not isinstance(loss, losses.Loss):
             raise ValueError(f"loss={loss!r}; give a name of {losses.NAMES} or losses.get(...)")
+        if attack == "nfgsm" and noise_scale == 0 and loss.attack == "kl":
+            raise ValueError("attack='nfgsm' with noise_scale=0 and a KL loss (TRADES): the KL "
+                             "gradient is zero at x' = x, so there would be no attack; give "
+                             "noise_scale > 0 (2 in the paper)")
         self.net = net
         self.loss_spec = loss
         self.eps, self.eps_iter, self.steps = float(eps), float(eps_iter), int(steps)
@@ -99,14 +108,11 @@ class AdversarialModel(keras.Model):
         if kind is None or self.eps == 0 or (self.attack == "pgd" and self.steps == 0):
             return x
         model_fn = lambda z: self._logits(z, training)  # noqa: E731
-        if self.attack == "nfgsm":
-            if kind == "kl":  # TRADES' KL(f(x) || f(x')) from the N-FGSM start
-                p_logits = tf.stop_gradient(self._logits(x, training))
-                return attacks.nfgsm(model_fn, x, self.eps, self.eps_iter, self.noise_scale,
-                                     y=p_logits, loss_fn=losses.kl_divergence)
-            return attacks.nfgsm(model_fn, x, self.eps, self.eps_iter, self.noise_scale, y=y)
         if kind == "kl":
-            return trades_attack(model_fn, x, self.eps, self.eps_iter, self.steps)
+            return trades_attack(model_fn, x, self.eps, self.eps_iter, self.steps,
+                                 method=self.attack, noise_scale=self.noise_scale)
+        if self.attack == "nfgsm":
+            return attacks.nfgsm(model_fn, x, self.eps, self.eps_iter, self.noise_scale, y=y)
         return attacks.pgd(model_fn, x, self.eps, self.eps_iter, self.steps, norm=np.inf,
                            clip_min=0.0, clip_max=1.0, y=y, rand_init=self.rand_init)
 
