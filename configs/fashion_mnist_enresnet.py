@@ -22,7 +22,9 @@ an AMD EPYC, 40.9 min on an Intel Xeon of the same machine kind, within 0.9 poin
 27.3 min on a slower AMD day, 2026-12-03, within 0.8 points; 30.9 min on
 2026-12-04 at bf724bd, within 2.5 points (ternary + sparsity 82.3% / 67.1%);
 21.9 min that evening at 0a1f0ec, when 084a4ca's job took 21.2 min in the same
-sitting, within 0.4 points of the morning (82.3% / 67.5%): README.md's table;
+sitting, within 0.4 points of the morning (82.3% / 67.5%); 20.6 min that night
+at 6c7e09c, 084a4ca 22.0 min right before it, within 0.3 points (82.3% /
+67.3%): README.md's table;
 1000 test images, expected prediction over 4 noise draws; EOT-PGD-20 / worst case
 over every attack incl. APGD-CE/DLR with EOT):
   float from scratch:                       83.4% natural, 72.0% / 70.8%
