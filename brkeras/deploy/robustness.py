@@ -51,6 +51,16 @@ def expected_predictions(runner, x, draws, batch_size=256):
     return np.asarray(p).argmax(1)
 
 
+def _check_shards(shards, workers):
+    """shards and workers as ints >= 1, else a ValueError naming the config field."""
+    if int(shards) < 1:
+        raise ValueError(f"shards={shards} (config.eval.square_shards); it must be >= 1")
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers}; pass >= 1 (config.eval.tflite_workers=0 becomes "
+                         "the core count in run.evaluate.tflite_workers)")
+    return int(shards), int(workers)
+
+
 def square_sharded(path, x, y, eps, *, shards=1, workers=1, seed=0, num_threads=1,
                    batch_size=256, **square_kwargs):
     """Square Attack on the TFLite file `path`, its examples in `shards` shards
@@ -61,25 +71,23 @@ def square_sharded(path, x, y, eps, *, shards=1, workers=1, seed=0, num_threads=
     default_rng(seed): the one-stream attack. seed is an int or a sequence of ints.
     Returns (x_adv, info) in the order of x; the same for any `workers`.
     """
-    for name, v in (("shards", shards), ("workers", workers)):
-        if int(v) < 1:
-            raise ValueError(f"{name}={v}; pass an integer >= 1")
+    shards, workers = _check_shards(shards, workers)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples and y {len(y)}; give the same number")
     seed = [int(s) for s in np.atleast_1d(seed)]
-    parts = np.array_split(np.arange(len(x)), int(shards))
+    parts = np.array_split(np.arange(len(x)), shards)
 
     def attack(j):
         runner = TFLiteModel(path, num_threads=num_threads)
-        rng = np.random.default_rng(seed + [j] if int(shards) > 1 else seed)
+        rng = np.random.default_rng(seed + [j] if shards > 1 else seed)
         return square_attack(lambda a: runner.logits(a, batch_size), x[parts[j]], eps,
                              y=y[parts[j]], seed=rng, **square_kwargs)
 
     jobs = [j for j in range(len(parts)) if len(parts[j])]
-    if int(workers) == 1 or len(jobs) == 1:
+    if workers == 1 or len(jobs) == 1:
         results = [attack(j) for j in jobs]
     else:
-        with concurrent.futures.ThreadPoolExecutor(min(int(workers), len(jobs))) as pool:
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(jobs))) as pool:
             results = list(pool.map(attack, jobs))
     info = {key: np.concatenate([r[1][key] for r in results]) for key in results[0][1]}
     return np.concatenate([r[0] for r in results]), info
@@ -98,14 +106,12 @@ def _check(files, x, y, x_adv, eps, draws, square_examples, square_queries, whit
                          "examples (>= 1), clean and adversarial")
     if not 0 <= eps <= 1:
         raise ValueError(f"eps={eps}; give the L-inf radius of the evaluation, in [0, 1]")
-    for name, field, v in (("draws", "eot_samples", draws), ("shards", "square_shards", shards),
+    _check_shards(shards, workers)
+    for name, field, v in (("draws", "eot_samples", draws),
                            ("square_queries", "square_queries", square_queries),
                            ("square_eot_samples", "square_eot_samples", square_eot_samples)):
         if int(v) < 1:
             raise ValueError(f"{name}={v} (config.eval.{field}); it must be >= 1")
-    if int(workers) < 1:
-        raise ValueError(f"workers={workers}; pass >= 1 (config.eval.tflite_workers=0 becomes "
-                         "the core count in run.evaluate.tflite_workers)")
     if not 0 < float(square_p_init) <= 1:
         raise ValueError(f"square_p_init={square_p_init} (config.eval.square_p_init); give a "
                          "share of the image in (0, 1], e.g. 0.05")

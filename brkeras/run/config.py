@@ -222,7 +222,8 @@ def validate(c):
               and c.adv.get("nfgsm_noise", 2.0) == 0),
          "config.adv.nfgsm_noise=0 with the TRADES loss: KL(f(x) || f(x')) has zero gradient "
          "at x' = x, so there would be no attack; give nfgsm_noise > 0 (2 in the paper)")
-    need(c.eval.get("tflite_workers", 0) >= 0 and c.eval.get("square_shards", 8) >= 1,
+    # an old work dir's config has no square_shards: its Square ran as one stream (1)
+    need(c.eval.get("tflite_workers", 0) >= 0 and c.eval.get("square_shards", 1) >= 1,
          "config.eval.tflite_workers must be >= 0 (0 = one per core) and "
          "config.eval.square_shards >= 1")
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
