@@ -373,12 +373,35 @@ def test_channel_macs_is_what_pruning_a_channel_saves():
     assert report["before"]["macs"] - report["after"]["macs"] == groups[0].channel_macs()
 
 
+def test_channel_params_is_what_pruning_a_channel_removes():
+    model = small_resnet(width=4, blocks=2, hw=8)
+    groups = gs.block_groups(model)
+    g = groups[0]
+    bias = 1 if g.bias1 is not None else 0
+    # conv1 filter c (3x3x4) + bias, bn2's gamma, beta, mean, variance, conv2 slice c (3x3x4)
+    assert g.channel_params() == 9 * 4 + bias + 4 + 9 * 4
+    assert g.channel_cost("params") == g.channel_params()
+    assert g.channel_cost("macs") == g.channel_macs()
+    with pytest.raises(ValueError, match="cost measure"):
+        g.channel_cost("bytes")
+    prune = prune_module()
+    k = g.kernel2.numpy()
+    k[:, :, 2, :] = 0.0
+    g.kernel2.assign(k)
+    _, report = prune.prune_blocks(model)
+    assert report["removed_channels"] == 1
+    assert report["before"]["params"] - report["after"]["params"] == g.channel_params()
+
+
 class _FakeGroup:
-    def __init__(self, channels, macs):
-        self.channels, self._macs = channels, macs
+    def __init__(self, channels, macs, params=1.0):
+        self.channels, self._macs, self._params = channels, macs, params
 
     def channel_macs(self):
         return self._macs
+
+    def channel_cost(self, measure):
+        return self._macs if measure == "macs" else self._params
 
 
 def test_cost_weights_normalise_by_the_mean_channel():
@@ -391,6 +414,19 @@ def test_cost_weights_normalise_by_the_mean_channel():
         gs.GroupSparsity(1.0, cost_power=-1.0)
 
 
+def test_cost_weights_by_params_rank_the_other_way():
+    # an early narrow stage: many MACs, few weights per channel; a late wide one: the reverse
+    groups = [_FakeGroup(2, 300.0, 100.0), _FakeGroup(4, 75.0, 400.0)]
+    p = np.array([100.0] * 2 + [400.0] * 4)
+    np.testing.assert_allclose(gs.cost_weights(groups, 1.0, "params"), p / p.mean(), rtol=1e-6)
+    macs, params = gs.cost_weights(groups, 1.0, "macs"), gs.cost_weights(groups, 1.0, "params")
+    assert macs[0] > macs[-1] and params[0] < params[-1]
+    with pytest.raises(ValueError, match="cost measure"):
+        gs.cost_weights(groups, 1.0, "flops")
+    with pytest.raises(ValueError, match="cost="):
+        gs.GroupSparsity(1.0, cost_power=1.0, cost="bytes")
+
+
 def test_cost_weighted_step_scales_each_threshold(monkeypatch):
     model = compiled(small_resnet(width=4, blocks=2, hw=8))
     x, y = data()
@@ -398,7 +434,7 @@ def test_cost_weighted_step_scales_each_threshold(monkeypatch):
     groups = gs.block_groups(model)
     before = [g.kernel2.numpy() for g in groups]
     weights = np.array([2.0] * 4 + [0.5] * 4, np.float32)
-    monkeypatch.setattr(gs, "cost_weights", lambda gr, p: weights)
+    monkeypatch.setattr(gs, "cost_weights", lambda gr, p, measure: weights)
     cb = gs.GroupSparsity(3.0, cost_power=1.0)
     cb.set_model(model)
     cb._build()

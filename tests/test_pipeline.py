@@ -243,6 +243,39 @@ def test_bad_pipeline_config_fails_before_any_work(tmp_path, field, value, match
     assert not (tmp_path / "p").exists()
 
 
+def _chain_config(sources):
+    c = small_config()
+    c.pipeline.models = ("float,tradeoff", "ternary,tradeoff", "ternary,tradeoff,sparse")
+    c.pipeline.finetune.from_model = "float,tradeoff"
+    c.pipeline.finetune.sources = sources
+    return c
+
+
+def test_finetune_sources_pick_each_model_its_start():
+    c = _chain_config((("ternary,tradeoff,sparse", "ternary,tradeoff"),))
+    assert pipeline.finetune_source(c, "float,tradeoff") == ""
+    assert pipeline.finetune_source(c, "ternary,tradeoff") == "float,tradeoff"
+    assert pipeline.finetune_source(c, "ternary,tradeoff,sparse") == "ternary,tradeoff"
+    mc = pipeline.model_config(c, "ternary,tradeoff,sparse", "/p")
+    assert mc.init_from == os.path.abspath("/p/ternary_tradeoff")
+    assert mc.optim.epochs == c.pipeline.finetune.epochs  # the fine-tune schedule
+    assert pipeline.model_config(c, "ternary,tradeoff", "/p").init_from == "/p/float_tradeoff"
+    c.pipeline.finetune.sources = ()
+    assert pipeline.finetune_source(c, "ternary,tradeoff,sparse") == "float,tradeoff"
+
+
+@pytest.mark.parametrize("sources, match", [
+    ((("ternary,tradeoff", "ternary,tradeoff,sparse"),), "the source before the model"),
+    ((("ternary,tradeoff,sparse", "4bit,tradeoff"),), "both must be in"),
+    ((("float,tradeoff", "ternary,tradeoff"),), "the source before the model"),
+    (("ternary,tradeoff,sparse",), "pairs"),
+])
+def test_bad_finetune_sources_fail_before_any_work(tmp_path, sources, match):
+    with pytest.raises(ValueError, match=match):
+        pipeline.run(_chain_config(sources), str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+
+
 def test_stage_done_needs_a_newer_output(tmp_path):
     wd = str(tmp_path)
     assert not pipeline._stage_done(wd, "train")  # pylint: disable=protected-access
@@ -280,7 +313,7 @@ def test_a_config_field_added_later_is_no_change(tmp_path):
     """config.json of an older version lacks fields added since; their defaults apply."""
     config = smoke.get_config()
     old = workdir_lib.config_to_dict(config)
-    del old["sparsity"]["cost_power"], old["optim"]["dtype_policy"]
+    del old["sparsity"]["cost_power"], old["sparsity"]["cost"], old["optim"]["dtype_policy"]
     workdir_lib.write_json(os.path.join(str(tmp_path), "config.json"), old)
     assert workdir_lib.training_diff(str(tmp_path), config) == []
     config.optim.dtype_policy = "mixed_bfloat16"  # a real change still shows

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from brkeras import data
 from brkeras import errors
 from brkeras.robust import losses
 from brkeras.train import adversarial_model
@@ -235,6 +236,35 @@ def test_fine_tune_starts_from_the_source_and_resumes_without_it(tmp_path, monke
     assert len(built_from) == 3 and built_from[2] is None  # built once, not from the source
 
 
+def test_fine_tune_from_a_binary_relax_run_starts_from_its_float_weights(tmp_path):
+    """init_from a ternary run: the new run's kernels start at that run's w, not Q(w)."""
+    source = str(tmp_path / "ternary")
+    train_lib.train(smoke_config("ternary,tradeoff", optim__epochs=1), source, verbose=0)
+    trained = train_lib.load(source)
+    (wrapper, w, quantizer, _), = [r for r in binary_relax.br_quantizers(trained)
+                                   if r[0].layer.name == "m0_s1_b0_conv2"]
+    latent, exact = w.numpy(), quantizer.q_fn(w).numpy()
+    assert not np.allclose(latent, exact)
+    weights = train_lib.initial_weights(smoke_config("ternary,tradeoff,sparse", init_from=source))
+    net = train_lib.build_network(smoke_config("ternary,tradeoff,sparse"), *_smoke_shape(source),
+                                  init_weights=weights)
+    (_, w2, _, _), = [r for r in binary_relax.br_quantizers(net)
+                      if r[0].layer.name == "m0_s1_b0_conv2"]
+    np.testing.assert_array_equal(w2.numpy(), latent)
+    with pytest.raises(ValueError, match="float or a Binary-Relax model"):
+        qat = str(tmp_path / "qat")
+        os.makedirs(qat)
+        workdir_lib.write_json(os.path.join(qat, "config.json"), workdir_lib.config_to_dict(
+            smoke_config("int8_qat,tradeoff")))
+        workdir_lib.write_state(qat, 1, finished=True)
+        train_lib.initial_weights(smoke_config(init_from=qat))
+
+
+def _smoke_shape(workdir):
+    info = data.info(workdir_lib.load_config(workdir).data.name)
+    return info.image_shape, info.num_classes
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     wd = str(tmp_path / "run")
     with pytest.raises(errors.NonFiniteLossError, match="last good checkpoint"):
@@ -287,3 +317,12 @@ print("MIRRORED_OK", tf.distribute.MirroredStrategy().num_replicas_in_sync)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "MIRRORED_OK 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_sparsity_cost_measure_from_the_config():
+    c = smoke_config("ternary,tradeoff,sparse", sparsity__cost="params", sparsity__cost_power=1.0)
+    cb = train_lib.group_sparsity_for(config_lib.validate(c), steps_per_epoch=4)
+    assert (cb.cost, cb.cost_power) == ("params", 1.0)
+    assert train_lib.group_sparsity_for(smoke_config("ternary,tradeoff,sparse"), 4).cost == "macs"
+    with pytest.raises(ValueError, match="config.sparsity.cost="):
+        config_lib.validate(smoke_config("ternary,tradeoff,sparse", sparsity__cost="bytes"))

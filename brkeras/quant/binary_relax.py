@@ -349,10 +349,10 @@ def quantized_kernels(model):
             for wrapper, weight, quantizer, _ in br_quantizers(model)}
 
 
-def _float_weights_by_layer(qmodel):
+def _float_weights_by_layer(qmodel, latent=False):
     """{original layer name: [(variable name, value)]} of a quantized model, in
     the order of the un-wrapped layer's weights, BR-quantized kernels replaced
-    by Q(w) and tfmot/BR bookkeeping variables dropped."""
+    by Q(w) (latent: left as the float w) and tfmot/BR bookkeeping variables dropped."""
     out = {}
     for layer in qmodel.layers:
         if not isinstance(layer, QuantizeWrapper):
@@ -377,16 +377,19 @@ def _float_weights_by_layer(qmodel):
             if id(w) in skip:
                 continue
             q = quantizer_of.get(id(w))
-            values.append((w.name, w.numpy() if q is None else q.q_fn(w).numpy()))
+            exact = q is not None and not latent
+            values.append((w.name, q.q_fn(w).numpy() if exact else w.numpy()))
         out[layer.layer.name] = values
     return out
 
 
-def copy_to_float(qmodel, float_model):
+def copy_to_float(qmodel, float_model, latent=False):
     """Fills `float_model` (same architecture and layer names, not quantized)
     with the weights of `qmodel`, every BR-quantized kernel replaced by its
-    exact Q(w): the deploy model. Returns `float_model`."""
-    src = _float_weights_by_layer(qmodel)
+    exact Q(w): the deploy model. With `latent`, the kernels are the float
+    weights w that Binary-Relax trains instead (a start for further Binary-Relax
+    training, not a deploy model). Returns `float_model`."""
+    src = _float_weights_by_layer(qmodel, latent)
     for layer in float_model.layers:
         if not layer.weights:
             continue

@@ -55,10 +55,11 @@ from brkeras._keras import keras, tf
 __all__ = [
         "group_norms", "group_soft_threshold", "tl1_threshold", "group_tl1_shrink",
         "joint_group_shrink", "BlockGroup", "block_groups", "zero_group_share", "cost_weights",
-        "GroupSparsity", "PENALTIES",
+        "GroupSparsity", "PENALTIES", "COST_MEASURES",
 ]
 
 PENALTIES = ("group_l1", "tl1")
+COST_MEASURES = ("macs", "params")
 _KINDS = {"l1": "group_l1", "group_l1": "group_l1", "tl1": "tl1"}
 
 
@@ -317,6 +318,20 @@ class BlockGroup:
             total += h * w * kh * kw * int(kernel.shape[in_axis])
         return total
 
+    def channel_params(self):
+        """Parameters that channel c holds, and `prune_blocks` removes: conv1's filter c
+        (kh kw C_in, plus its bias), bn2's four per-channel values (folded into conv1 in
+        a TFLite file) and conv2's input slice c (kh kw C_out)."""
+        kh1, kw1, c_in, _ = (int(d) for d in self.kernel1.shape)
+        kh2, kw2, _, c_out = (int(d) for d in self.kernel2.shape)
+        return (kh1 * kw1 * c_in + (self.bias1 is not None) + 4 + kh2 * kw2 * c_out)
+
+    def channel_cost(self, measure):
+        """`channel_macs` for measure "macs", `channel_params` for "params"."""
+        if measure not in COST_MEASURES:
+            raise ValueError(f"cost measure {measure!r}; choose one of {COST_MEASURES}")
+        return self.channel_macs() if measure == "macs" else self.channel_params()
+
     def members(self, include_conv1=False, include_bn2=False):
         """[(variable, axis)] of group c: conv2 input slice c, optionally conv1 filter c
         (and bias c), bn2 gamma_c and beta_c."""
@@ -404,13 +419,16 @@ def zero_group_share(model, groups=None):
                 groups=int(total), layers=layers)
 
 
-def cost_weights(groups, power):
+def cost_weights(groups, power, measure="macs"):
     """Per channel of `groups` (concatenated in order), (m / mean m)^power with m the
-    channel's `channel_macs`; all ones for power 0."""
+    channel's cost: `channel_macs` ("macs") or `channel_params` ("params"); all ones
+    for power 0."""
+    if measure not in COST_MEASURES:
+        raise ValueError(f"cost measure {measure!r}; choose one of {COST_MEASURES}")
     sizes = [g.channels for g in groups]
     if power == 0:
         return np.ones(sum(sizes), np.float32)
-    m = np.repeat([float(g.channel_macs()) for g in groups], sizes)
+    m = np.repeat([float(g.channel_cost(measure)) for g in groups], sizes)
     return ((m / m.mean()) ** float(power)).astype(np.float32)
 
 
@@ -453,10 +471,15 @@ class GroupSparsity(keras.callbacks.Callback):
     (`include_bn2`) into one norm.
 
     cost_power p (0 = off): group c of chain b gets the threshold t * w_b with
-    w_b = (m_b / mean_c m)^p, m_b = `BlockGroup.channel_macs` (the MACs its removal
-    saves, mean over all channels), so a channel that costs more is shrunk harder:
-    p = 1 is MorphNet's FLOP regulariser (Gordon et al., CVPR 2018) on the group
-    norm. The target below then picks the K smallest ||w_g|| / w_b.
+    w_b = (m_b / mean_c m)^p, m_b the channel's cost (mean over all channels), so a
+    channel that costs more is shrunk harder. cost "macs": m_b =
+    `BlockGroup.channel_macs` (the MACs its removal saves; p = 1 is MorphNet's FLOP
+    regulariser, Gordon et al., CVPR 2018, on the group norm); cost "params": m_b =
+    `BlockGroup.channel_params` (the weights it removes from the file: with
+    He-initialised kernels every group norm starts near the same value, so the
+    unweighted penalty favours no stage, while a wide late stage holds most of the
+    weights and a narrow early one most of the MACs per channel). The target below
+    then picks the K smallest ||w_g|| / w_b.
 
     lam_k = 0 before `start_epoch`, then strength * min(1, (e - start_epoch +
     (batch + 1) / steps_per_epoch) / warmup_epochs) (warmup_epochs = 0: strength at
@@ -488,8 +511,9 @@ class GroupSparsity(keras.callbacks.Callback):
         tl1_a: a > 0 of rho_a (small: close to l0; large: close to l1).
         include_conv1: join conv1's filter c (and bias c) into group c.
         include_bn2: join bn2's gamma_c and beta_c into group c.
-        cost_power: weight the threshold of each group by its MAC cost to this power
-            (0 = every channel alike; 1 = MorphNet's FLOP weighting).
+        cost_power: weight the threshold of each group by its cost to this power
+            (0 = every channel alike; 1 with cost "macs" = MorphNet's FLOP weighting).
+        cost: the cost measure, "macs" or "params" (see above).
         total_epochs: the run's epochs, to resolve start_fraction and check the schedule.
         steps_per_epoch: for the ramp within an epoch; 0 = Keras' params["steps"]
             (when unknown, lam ramps once per epoch).
@@ -497,8 +521,12 @@ class GroupSparsity(keras.callbacks.Callback):
 
     def __init__(self, strength, start_epoch=0, start_fraction=None, warmup_epochs=0,
                  target_share=0.0, penalty="group_l1", tl1_a=1.0, include_conv1=False,
-                 include_bn2=False, total_epochs=None, steps_per_epoch=0, cost_power=0.0):
+                 include_bn2=False, total_epochs=None, steps_per_epoch=0, cost_power=0.0,
+                 cost="macs"):
         super().__init__()
+        if cost not in COST_MEASURES:
+            raise ValueError(f"GroupSparsity(cost={cost!r}): choose one of {COST_MEASURES} "
+                             "(what a removed channel saves: MACs per example or weights)")
         if not (_is_real(cost_power) and cost_power >= 0):
             raise ValueError(f"GroupSparsity(cost_power={cost_power!r}): give an exponent >= 0 "
                              "(0 = no cost weighting, 1 = threshold proportional to MACs)")
@@ -550,6 +578,7 @@ class GroupSparsity(keras.callbacks.Callback):
         self.include_conv1 = bool(include_conv1)
         self.include_bn2 = bool(include_bn2)
         self.cost_power = float(cost_power)
+        self.cost = cost
         self.total_epochs = None if total_epochs is None else int(total_epochs)
         self.steps_per_epoch = int(steps_per_epoch)
         self._epoch = 0
@@ -606,7 +635,7 @@ class GroupSparsity(keras.callbacks.Callback):
         k = min(total, max(1, math.ceil(self.target_share * total - 1e-9))) \
             if self.target_share > 0 else 0
         kind, a = self.penalty, self.tl1_a
-        weights = tf.constant(cost_weights(groups, self.cost_power), tf.float32)
+        weights = tf.constant(cost_weights(groups, self.cost_power, self.cost), tf.float32)
 
         @tf.function
         def step(lam):

@@ -14,6 +14,7 @@ PRECISIONS = ("float", "binary", "ternary", "ternary_twn", "4bit", "kbit", "int8
 LOSSES = ("natural", "pgd", "tradeoff", "trades")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 SPARSITY_PENALTIES = ("group_l1", "tl1")
+SPARSITY_COSTS = ("macs", "params")  # group_sparsity.COST_MEASURES (config stays TF-free)
 
 
 def base_config():
@@ -63,7 +64,8 @@ def base_config():
     c.sparsity.target_share = 0.0  # stop at this share of zero groups (0 = no target)
     c.sparsity.include_conv1 = False  # conv1's filter c joins group c
     c.sparsity.include_bn2 = False  # and bn2's gamma_c, beta_c
-    c.sparsity.cost_power = 0.0  # threshold x (channel MACs / mean)^p; 1 = MorphNet's FLOPs
+    c.sparsity.cost_power = 0.0  # threshold x (channel cost / mean)^p; 1 = MorphNet's FLOPs
+    c.sparsity.cost = "macs"  # the channel cost of cost_power: "macs" or "params"
 
     c.adv = ml_collections.ConfigDict()
     c.adv.eps = 8 / 255
@@ -184,6 +186,10 @@ def base_config():
     c.pipeline.finetune.milestones = (2,)
     c.pipeline.finetune.max_train_examples = 20_000
     c.pipeline.finetune.phase2_fraction = 0.34
+    # (model ARG, source ARG) pairs: these models fine-tune from another model of the
+    # pipeline (listed before them, float or Binary-Relax) instead of from_model,
+    # e.g. ("ternary,tradeoff,sparse", "ternary,tradeoff"): quantize, then prune.
+    c.pipeline.finetune.sources = ()
     return c
 
 
@@ -245,6 +251,9 @@ def validate(c):
              "(0 = every channel alike, 1 = threshold proportional to its MACs)")
         need(sp.get("cost_power", 0.0) == 0 or sp.penalty == "group_l1",
              "config.sparsity.cost_power > 0 needs config.sparsity.penalty='group_l1'")
+        need(sp.get("cost", "macs") in SPARSITY_COSTS, f"config.sparsity.cost="
+             f"{sp.get('cost')!r}; choose one of {SPARSITY_COSTS} (what a removed channel "
+             "saves: MACs per example or weights in the file)")
         need(0 <= sp.start_fraction < 1, "config.sparsity.start_fraction must be in [0, 1)")
         need(sp.warmup_epochs >= 0, "config.sparsity.warmup_epochs must be >= 0")
         need(0 <= sp.target_share < 1, "config.sparsity.target_share must be in [0, 1) (0 = none)")

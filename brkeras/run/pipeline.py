@@ -57,15 +57,18 @@ def model_config(config, arg, pipeline_dir=None):
     when models are added to or removed from the pipeline. With
     config.pipeline.finetune.from_model set, every other model starts from that
     model's trained weights (config.init_from, the usual way to quantize a
-    trained network) with the finetune section's shorter schedule.
+    trained network) with the finetune section's shorter schedule; a model named
+    in config.pipeline.finetune.sources starts from its source model there instead
+    (a trained Binary-Relax model's float weights: `train.initial_weights`).
     """
     c = copy.deepcopy(config)
     ft = config.pipeline.get("finetune")
     with c.unlocked():
         config_lib.apply_arg(c, arg)
         c.pipeline.models = (arg,)
-        if ft is not None and ft.from_model and arg != ft.from_model:
-            source = model_dir_name(ft.from_model)
+        start = finetune_source(config, arg)
+        if start:
+            source = model_dir_name(start)
             c.init_from = os.path.abspath(os.path.join(pipeline_dir, source)) if pipeline_dir \
                 else source
             c.optim.epochs = ft.epochs
@@ -74,6 +77,26 @@ def model_config(config, arg, pipeline_dir=None):
             c.data.max_train_examples = ft.max_train_examples
             c.quant.phase2_fraction = ft.phase2_fraction
     return config_lib.validate(c)
+
+
+def finetune_source(config, arg):
+    """The pipeline model that model `arg` is fine-tuned from ('' = none: it trains
+    from scratch): its entry in config.pipeline.finetune.sources, else from_model."""
+    ft = config.pipeline.get("finetune")
+    if ft is None or not ft.from_model or arg == ft.from_model:
+        return ""
+    return dict(_source_pairs(ft)).get(arg, ft.from_model)
+
+
+def _source_pairs(ft):
+    pairs = ft.get("sources", ())
+    for pair in pairs:
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(isinstance(a, str) and a for a in pair)):
+            raise ValueError(f"config.pipeline.finetune.sources has {pair!r}; give (model ARG, "
+                             "source ARG) pairs such as ('ternary,tradeoff,sparse', "
+                             "'ternary,tradeoff')")
+    return [tuple(p) for p in pairs]
 
 
 def _marker(workdir, stage):
@@ -113,6 +136,18 @@ def _check(config, pipeline_dir=None):
         raise ValueError(f"config.pipeline.finetune.from_model={ft.from_model!r} must be the "
                          f"first of config.pipeline.models {tuple(args)} (the others start "
                          "from it), or '' to train every model from scratch")
+    if ft is not None:
+        pairs = _source_pairs(ft)
+        if pairs and not ft.from_model:
+            raise ValueError("config.pipeline.finetune.sources needs finetune.from_model: "
+                             "the models it names fine-tune with that section's schedule")
+        for model, source in pairs:
+            if model not in args or source not in args \
+                    or args.index(source) >= args.index(model):
+                raise ValueError(
+                    f"config.pipeline.finetune.sources has ({model!r}, {source!r}): both must be "
+                    f"in config.pipeline.models {tuple(args)}, the source before the model "
+                    "(it is trained first)")
     # every ARG checked before any training, so a typo in the last model fails now
     return [(a, model_config(config, a, pipeline_dir), n) for a, n in zip(args, names)]
 

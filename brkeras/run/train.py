@@ -71,7 +71,10 @@ def build_network(config, input_shape, num_classes, init_weights=None):
 def initial_weights(config):
     """The float weights of the finished run `config.init_from`, or None if unset.
 
-    That run must be a float model with the same architecture and data set.
+    That run must have the same architecture and data set, and be a float model
+    or a Binary-Relax one; of a Binary-Relax run the quantized kernels come as its
+    float weights w (what Binary-Relax trains), not as Q(w), so that training goes
+    on from where that run stopped (e.g. pruning a trained ternary model).
     """
     source = config.get("init_from", "")
     if not source:
@@ -80,9 +83,9 @@ def initial_weights(config):
     if not workdir_lib.read_state(source)["finished"]:
         raise workdir_lib.WorkdirError(f"config.init_from={source} is not a finished run; "
                                        "train it first")
-    if src.quant.precision != "float":
+    if src.quant.precision not in ("float",) + binary_relax.BR_PRECISIONS:
         raise ValueError(f"config.init_from={source} is a {src.quant.precision} model; "
-                         "start from a float model")
+                         "start from a float or a Binary-Relax model")
     for field in ("depth", "width", "ensemble"):
         if src.model[field] != config.model[field]:
             raise ValueError(f"config.init_from={source} has model.{field}="
@@ -90,7 +93,13 @@ def initial_weights(config):
     if src.data.name != config.data.name:
         raise ValueError(f"config.init_from={source} was trained on {src.data.name}, "
                          f"this run uses {config.data.name}")
-    return load(source).get_weights()
+    trained = load(source)
+    if src.quant.precision == "float":
+        return trained.get_weights()
+    info = data.info(src.data.name)
+    with precision.policy_scope("float32"):
+        float_net = from_config(src, info.image_shape, info.num_classes)
+    return binary_relax.copy_to_float(trained, float_net, latent=True).get_weights()
 
 
 def make_optimizer(config, steps_per_epoch):
@@ -120,7 +129,7 @@ def group_sparsity_for(c, steps_per_epoch):
         target_share=sp.target_share, penalty=sp.penalty, tl1_a=sp.tl1_a,
         include_conv1=sp.include_conv1, include_bn2=sp.include_bn2,
         total_epochs=c.optim.epochs, steps_per_epoch=steps_per_epoch,
-        cost_power=sp.get("cost_power", 0.0))
+        cost_power=sp.get("cost_power", 0.0), cost=sp.get("cost", "macs"))
 
 
 class EpochLogger(keras.callbacks.Callback):
