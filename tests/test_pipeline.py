@@ -320,6 +320,17 @@ def test_a_config_field_added_later_is_no_change(tmp_path):
     assert workdir_lib.training_diff(str(tmp_path), config) == [
         "optim.dtype_policy: 'float32' -> 'mixed_bfloat16'"]
 
+def test_sparsity_settings_of_a_run_without_sparsity_are_no_change(tmp_path):
+    """A dense run's stored sparsity section is inert: new defaults there keep the run."""
+    config = smoke.get_config("float,tradeoff")
+    workdir_lib.write_json(os.path.join(str(tmp_path), "config.json"),
+                           workdir_lib.config_to_dict(config))
+    config.sparsity.target_share, config.sparsity.cost = 0.45, "params"
+    assert workdir_lib.training_diff(str(tmp_path), config) == []
+    config.sparsity.enabled = True  # ... but a run that now would shrink channels differs
+    assert "sparsity.enabled: False -> True" in workdir_lib.training_diff(str(tmp_path), config)
+
+
 def test_model_row_of_an_empty_dir(tmp_path):
     row = summary.model_row(str(tmp_path), "nothing_here")
     assert set(row) == set(summary.ROW_KEYS)

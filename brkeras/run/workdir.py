@@ -177,14 +177,19 @@ def config_diff(old, new, ignore=(), prefix=""):
 
 def training_diff(workdir, config):
     """Differences of the config stored in `workdir` (if any) with `config` that
-    need a new training: every section but STAGE_SECTIONS."""
+    need a new training: every section but STAGE_SECTIONS, and but `sparsity`
+    when both runs train without it (its settings then change nothing)."""
     path = os.path.join(workdir, CONFIG)
     if not os.path.exists(path):
         return []
     # A field added to the schema after the run was made counts as its default
     # there (the code reads old configs with that default), not as a change.
     old = _with_defaults(read_json(path), config_to_dict(config_lib.base_config()))
-    return config_diff(old, config_to_dict(config), ignore=STAGE_SECTIONS)
+    new = config_to_dict(config)
+    ignore = STAGE_SECTIONS
+    if not old["sparsity"]["enabled"] and not new["sparsity"]["enabled"]:
+        ignore += ("sparsity",)
+    return config_diff(old, new, ignore=ignore)
 
 
 def _with_defaults(old, defaults):
