@@ -373,13 +373,27 @@ def test_channel_macs_is_what_pruning_a_channel_saves():
     assert report["before"]["macs"] - report["after"]["macs"] == groups[0].channel_macs()
 
 
+def _projection_block(c_in=4, private=6, c_out=8, hw=8):
+    """Stem + one block whose private chain has a biased conv1 (c_in -> private) and a
+    conv2 private -> c_out, with a 1x1 projection shortcut: every width differs."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((hw, hw, 3))
+    h = keras.layers.Conv2D(c_in, 3, padding="same", use_bias=False, name="conv0")(x)
+    out = keras.layers.ReLU(name="b0_relu1")(keras.layers.BatchNormalization(name="b0_bn1")(h))
+    short = keras.layers.Conv2D(c_out, 1, use_bias=False, name="b0_shortcut")(out)
+    out = keras.layers.Conv2D(private, 3, padding="same", use_bias=True, name="b0_conv1")(out)
+    out = keras.layers.ReLU(name="b0_relu2")(keras.layers.BatchNormalization(name="b0_bn2")(out))
+    out = keras.layers.Conv2D(c_out, 3, padding="same", use_bias=False, name="b0_conv2")(out)
+    h = keras.layers.Add(name="b0_add")([out, short])
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="logits")(h))
+
+
 def test_channel_params_is_what_pruning_a_channel_removes():
-    model = small_resnet(width=4, blocks=2, hw=8)
-    groups = gs.block_groups(model)
-    g = groups[0]
-    bias = 1 if g.bias1 is not None else 0
-    # conv1 filter c (3x3x4) + bias, bn2's gamma, beta, mean, variance, conv2 slice c (3x3x4)
-    assert g.channel_params() == 9 * 4 + bias + 4 + 9 * 4
+    model = _projection_block()
+    g, = gs.block_groups(model)
+    # conv1 filter c (3x3x4) + its bias, bn2's gamma, beta, mean, variance, conv2 slice c (3x3x8)
+    assert g.channel_params() == 9 * 4 + 1 + 4 + 9 * 8
     assert g.channel_cost("params") == g.channel_params()
     assert g.channel_cost("macs") == g.channel_macs()
     with pytest.raises(ValueError, match="cost measure"):

@@ -264,16 +264,55 @@ def test_finetune_sources_pick_each_model_its_start():
     assert pipeline.finetune_source(c, "ternary,tradeoff,sparse") == "float,tradeoff"
 
 
+def test_finetune_sources_survive_the_json_round_trip(tmp_path):
+    c = _chain_config((("ternary,tradeoff,sparse", "ternary,tradeoff"),))
+    workdir_lib.write_json(str(tmp_path / "config.json"), workdir_lib.config_to_dict(c))
+    stored = workdir_lib.load_config(str(tmp_path))  # the pairs come back as lists
+    assert pipeline.finetune_source(stored, "ternary,tradeoff,sparse") == "ternary,tradeoff"
+    pipeline._check(stored, str(tmp_path / "p"))
+
+
+def test_a_narrowed_pipeline_drops_the_sources_of_models_it_leaves_out():
+    c = _chain_config((("ternary,tradeoff,sparse", "ternary,tradeoff"),))
+    c.pipeline.models = ("float,tradeoff", "ternary,tradeoff")
+    assert [a for a, _, _ in pipeline._check(c)] == ["float,tradeoff", "ternary,tradeoff"]
+
+
 @pytest.mark.parametrize("sources, match", [
-    ((("ternary,tradeoff", "ternary,tradeoff,sparse"),), "the source before the model"),
-    ((("ternary,tradeoff,sparse", "4bit,tradeoff"),), "both must be in"),
-    ((("float,tradeoff", "ternary,tradeoff"),), "the source before the model"),
+    ((("ternary,tradeoff", "ternary,tradeoff,sparse"),), "before the model"),
+    ((("ternary,tradeoff,sparse", "4bit,tradeoff"),), "must be in config.pipeline.models"),
+    ((("ternary,tradeoff", "ternary,tradeoff,sparse"),), "drop the pair"),
+    ((("float,tradeoff", "ternary,tradeoff"),), "before the model"),
     (("ternary,tradeoff,sparse",), "pairs"),
+    ((("ternary,tradeoff,sparse", "ternary,tradeoff"), ("ternary,tradeoff,sparse", "float,tradeoff")),
+     "more than once"),
 ])
 def test_bad_finetune_sources_fail_before_any_work(tmp_path, sources, match):
     with pytest.raises(ValueError, match=match):
         pipeline.run(_chain_config(sources), str(tmp_path / "p"))
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("models, sources, match", [
+    (("float,tradeoff", "int8_qat,tradeoff", "ternary,tradeoff,sparse"),
+     (("ternary,tradeoff,sparse", "int8_qat,tradeoff"),), "int8 QAT model is no start"),
+    (("float,tradeoff", "ternary,tradeoff,w4", "ternary,tradeoff,sparse"),
+     (("ternary,tradeoff,sparse", "ternary,tradeoff,w4"),), "model.width"),
+])
+def test_a_source_that_cannot_start_its_model_fails_before_any_work(tmp_path, models, sources,
+                                                                      match):
+    c = _chain_config(sources)
+    c.pipeline.models = models
+    with pytest.raises(ValueError, match=match):
+        pipeline.run(c, str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+
+
+def test_sources_need_a_from_model(tmp_path):
+    c = _chain_config((("ternary,tradeoff,sparse", "ternary,tradeoff"),))
+    c.pipeline.finetune.from_model = ""
+    with pytest.raises(ValueError, match="set from_model"):
+        pipeline.run(c, str(tmp_path / "p"))
 
 
 def test_stage_done_needs_a_newer_output(tmp_path):
@@ -311,7 +350,7 @@ def test_tflite_attacks_are_stale_after_a_new_evaluation(tmp_path):
 
 def test_a_config_field_added_later_is_no_change(tmp_path):
     """config.json of an older version lacks fields added since; their defaults apply."""
-    config = smoke.get_config()
+    config = smoke.get_config("ternary,tradeoff,sparse")  # sparsity on: its fields count
     old = workdir_lib.config_to_dict(config)
     del old["sparsity"]["cost_power"], old["sparsity"]["cost"], old["optim"]["dtype_policy"]
     workdir_lib.write_json(os.path.join(str(tmp_path), "config.json"), old)
@@ -319,6 +358,7 @@ def test_a_config_field_added_later_is_no_change(tmp_path):
     config.optim.dtype_policy = "mixed_bfloat16"  # a real change still shows
     assert workdir_lib.training_diff(str(tmp_path), config) == [
         "optim.dtype_policy: 'float32' -> 'mixed_bfloat16'"]
+
 
 def test_sparsity_settings_of_a_run_without_sparsity_are_no_change(tmp_path):
     """A dense run's stored sparsity section is inert: new defaults there keep the run."""

@@ -251,12 +251,12 @@ def test_fine_tune_from_a_binary_relax_run_starts_from_its_float_weights(tmp_pat
     (_, w2, _, _), = [r for r in binary_relax.br_quantizers(net)
                       if r[0].layer.name == "m0_s1_b0_conv2"]
     np.testing.assert_array_equal(w2.numpy(), latent)
+    qat = str(tmp_path / "qat")
+    os.makedirs(qat)
+    workdir_lib.write_json(os.path.join(qat, "config.json"), workdir_lib.config_to_dict(
+        smoke_config("int8_qat,tradeoff")))
+    workdir_lib.write_state(qat, 1, finished=True)
     with pytest.raises(ValueError, match="float or a Binary-Relax model"):
-        qat = str(tmp_path / "qat")
-        os.makedirs(qat)
-        workdir_lib.write_json(os.path.join(qat, "config.json"), workdir_lib.config_to_dict(
-            smoke_config("int8_qat,tradeoff")))
-        workdir_lib.write_state(qat, 1, finished=True)
         train_lib.initial_weights(smoke_config(init_from=qat))
 
 

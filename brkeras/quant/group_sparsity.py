@@ -320,11 +320,13 @@ class BlockGroup:
 
     def channel_params(self):
         """Parameters that channel c holds, and `prune_blocks` removes: conv1's filter c
-        (kh kw C_in, plus its bias), bn2's four per-channel values (folded into conv1 in
-        a TFLite file) and conv2's input slice c (kh kw C_out)."""
+        (kh kw C_in, plus its bias), bn2's per-channel values (gamma, beta, moving mean
+        and variance; in a TFLite file they fold into conv1's scale and bias) and
+        conv2's input slice c (kh kw C_out)."""
         kh1, kw1, c_in, _ = (int(d) for d in self.kernel1.shape)
         kh2, kw2, _, c_out = (int(d) for d in self.kernel2.shape)
-        return (kh1 * kw1 * c_in + (self.bias1 is not None) + 4 + kh2 * kw2 * c_out)
+        return (kh1 * kw1 * c_in + (self.bias1 is not None) + len(self.bn2.weights)
+                + kh2 * kw2 * c_out)
 
     def channel_cost(self, measure):
         """`channel_macs` for measure "macs", `channel_params` for "params"."""
@@ -529,7 +531,7 @@ class GroupSparsity(keras.callbacks.Callback):
                              "(what a removed channel saves: MACs per example or weights)")
         if not (_is_real(cost_power) and cost_power >= 0):
             raise ValueError(f"GroupSparsity(cost_power={cost_power!r}): give an exponent >= 0 "
-                             "(0 = no cost weighting, 1 = threshold proportional to MACs)")
+                             "(0 = no cost weighting, 1 = threshold proportional to the channel's cost)")
         if cost_power > 0 and penalty != "group_l1":
             # the target's ranking ||w_g|| / w_b is the weighted group lasso's order only
             raise ValueError(f"GroupSparsity(cost_power={cost_power!r}, penalty={penalty!r}): "

@@ -248,7 +248,7 @@ def validate(c):
              f"choose one of {SPARSITY_PENALTIES}")
         need(sp.tl1_a > 0, "config.sparsity.tl1_a must be > 0")
         need(sp.get("cost_power", 0.0) >= 0, "config.sparsity.cost_power must be >= 0 "
-             "(0 = every channel alike, 1 = threshold proportional to its MACs)")
+             "(0 = every channel alike, 1 = threshold proportional to its cost, config.sparsity.cost)")
         need(sp.get("cost_power", 0.0) == 0 or sp.penalty == "group_l1",
              "config.sparsity.cost_power > 0 needs config.sparsity.penalty='group_l1'")
         need(sp.get("cost", "macs") in SPARSITY_COSTS, f"config.sparsity.cost="

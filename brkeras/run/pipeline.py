@@ -93,10 +93,48 @@ def _source_pairs(ft):
     for pair in pairs:
         if (not isinstance(pair, (tuple, list)) or len(pair) != 2
                 or not all(isinstance(a, str) and a for a in pair)):
-            raise ValueError(f"config.pipeline.finetune.sources has {pair!r}; give (model ARG, "
-                             "source ARG) pairs such as ('ternary,tradeoff,sparse', "
-                             "'ternary,tradeoff')")
+            raise ValueError(f"config.pipeline.finetune.sources has {pair!r}; give a tuple of "
+                             "(model ARG, source ARG) pairs, e.g. on the command line "
+                             "--config.pipeline.finetune.sources='((\"ternary,tradeoff,sparse\","
+                             "\"ternary,tradeoff\"),)' (mind the trailing comma)")
+    models = [p[0] for p in pairs]
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ValueError(f"config.pipeline.finetune.sources names {twice} more than once; give "
+                         "each model one source")
     return [tuple(p) for p in pairs]
+
+
+def _check_sources(config, args, pipeline_dir):
+    """Each (model, source) pair whose model is in the pipeline: the source is in it
+    too, before the model, and a float or Binary-Relax run of the same network and
+    data (what `train.initial_weights` needs), so a bad pair fails before any work."""
+    ft = config.pipeline.get("finetune")
+    pairs = _source_pairs(ft) if ft is not None else []
+    if pairs and not ft.from_model:
+        raise ValueError("config.pipeline.finetune.sources needs finetune.from_model (the "
+                         "models it names fine-tune with that section's schedule): set "
+                         "from_model to the first of pipeline.models, or sources to ()")
+    for model, source in pairs:
+        if model not in args:
+            continue  # a narrowed pipeline (--config.pipeline.models=...) leaves it out
+        if source not in args or args.index(source) >= args.index(model):
+            raise ValueError(
+                f"config.pipeline.finetune.sources has ({model!r}, {source!r}): the source must "
+                f"be in config.pipeline.models {tuple(args)}, before the model (it is trained "
+                "first); add it there, or drop the pair (--config.pipeline.finetune.sources='()' "
+                "fine-tunes every model from finetune.from_model)")
+        m, s = model_config(config, model, pipeline_dir), model_config(config, source, pipeline_dir)
+        if s.quant.precision == "int8_qat":
+            raise ValueError(f"config.pipeline.finetune.sources has ({model!r}, {source!r}): "
+                             "a tfmot int8 QAT model is no start for another model; give a "
+                             "float or Binary-Relax source")
+        for field in ("model.depth", "model.width", "model.ensemble", "data.name"):
+            section, name = field.split(".")
+            if m[section][name] != s[section][name]:
+                raise ValueError(f"config.pipeline.finetune.sources has ({model!r}, {source!r}) "
+                                 f"with {field} {m[section][name]!r} vs {s[section][name]!r}; "
+                                 "a model fine-tunes from a run of the same network and data")
 
 
 def _marker(workdir, stage):
@@ -136,18 +174,7 @@ def _check(config, pipeline_dir=None):
         raise ValueError(f"config.pipeline.finetune.from_model={ft.from_model!r} must be the "
                          f"first of config.pipeline.models {tuple(args)} (the others start "
                          "from it), or '' to train every model from scratch")
-    if ft is not None:
-        pairs = _source_pairs(ft)
-        if pairs and not ft.from_model:
-            raise ValueError("config.pipeline.finetune.sources needs finetune.from_model: "
-                             "the models it names fine-tune with that section's schedule")
-        for model, source in pairs:
-            if model not in args or source not in args \
-                    or args.index(source) >= args.index(model):
-                raise ValueError(
-                    f"config.pipeline.finetune.sources has ({model!r}, {source!r}): both must be "
-                    f"in config.pipeline.models {tuple(args)}, the source before the model "
-                    "(it is trained first)")
+    _check_sources(config, args, pipeline_dir)
     # every ARG checked before any training, so a typo in the last model fails now
     return [(a, model_config(config, a, pipeline_dir), n) for a, n in zip(args, names)]
 

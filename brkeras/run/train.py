@@ -58,9 +58,10 @@ def quantize_from_config(net, quant):
 def build_network(config, input_shape, num_classes, init_weights=None):
     """The EnResNet of `config`, quantized as config.quant says (not compiled).
 
-    init_weights: the weights of a trained float EnResNet of the same architecture
-    (see `initial_weights`), set before quantization so the quantized model starts
-    from them, the usual way to quantize a trained network.
+    init_weights: float weights of a trained EnResNet of the same architecture
+    (`initial_weights`: a float run's, or a Binary-Relax run's w), set before
+    quantization so the quantized model starts from them, the usual way to
+    quantize a trained network.
     """
     net = from_config(config, input_shape, num_classes)
     if init_weights is not None:
@@ -85,7 +86,8 @@ def initial_weights(config):
                                        "train it first")
     if src.quant.precision not in ("float",) + binary_relax.BR_PRECISIONS:
         raise ValueError(f"config.init_from={source} is a {src.quant.precision} model; "
-                         "start from a float or a Binary-Relax model")
+                         "start from a float or a Binary-Relax model "
+                         f"{binary_relax.BR_PRECISIONS}")
     for field in ("depth", "width", "ensemble"):
         if src.model[field] != config.model[field]:
             raise ValueError(f"config.init_from={source} has model.{field}="

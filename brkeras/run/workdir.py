@@ -187,7 +187,7 @@ def training_diff(workdir, config):
     old = _with_defaults(read_json(path), config_to_dict(config_lib.base_config()))
     new = config_to_dict(config)
     ignore = STAGE_SECTIONS
-    if not old["sparsity"]["enabled"] and not new["sparsity"]["enabled"]:
+    if not old.get("sparsity", {}).get("enabled") and not new.get("sparsity", {}).get("enabled"):
         ignore += ("sparsity",)
     return config_diff(old, new, ignore=ignore)
 
