@@ -6,7 +6,8 @@ Runs:
 ARG: as configs/fashion_mnist_enresnet.py (precision, loss, enM, dN, wN).
 
 The default config's setting (eps 0.1, trade-off loss, Feynman-Kac sigma 0.1,
-float model first, the others fine-tuned from it) with twice the width (16),
+float model first, the others fine-tuned from it, the sparse ternary ones from
+the dense ternary model) with twice the width (16),
 all 60,000 training images, PGD-5 with steps of 0.03 during training, and 8
 epochs (lr 0.05, /10 at epochs 6 and 7); fine-tuning 4 epochs of all images;
 evaluation on 2000 test images.
@@ -19,8 +20,9 @@ Cost and result on 2 CPU cores (2026-11-27, the float and ternary models:
   ternary fine-tuned from it, 8.7 min:   85.4% natural, 74.0% PGD-20 EOT
 The reference's Madry-style model (SPEC 6) reaches 90.9% natural and 68.1%
 PGD-20: this setting sits elsewhere on the trade-off curve (the trade-off loss
-weights the adversarial term 8:1), more robust and less accurate. All five
-pipeline models would take about 70 min (estimated from these two).
+weights the adversarial term 8:1), more robust and less accurate. All six
+pipeline models would take about 85 min (estimated from these two, on that
+day's machine).
 """
 
 import os

@@ -36,4 +36,5 @@ def get_config(arg=None):
     c.pipeline.models = ("float,tradeoff", "ternary,tradeoff", "4bit,tradeoff",
                          "ternary,pgd", "int8_qat,tradeoff")
     c.pipeline.stages = ("train", "evaluate", "export", "benchmark")
+    c.pipeline.finetune.sources = ()  # every model from the float one, as then
     return config_lib.apply_arg(c, arg)

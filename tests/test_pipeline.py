@@ -296,8 +296,8 @@ def test_bad_finetune_sources_fail_before_any_work(tmp_path, sources, match):
 @pytest.mark.parametrize("models, sources, match", [
     (("float,tradeoff", "int8_qat,tradeoff", "ternary,tradeoff,sparse"),
      (("ternary,tradeoff,sparse", "int8_qat,tradeoff"),), "int8 QAT model is no start"),
-    (("float,tradeoff", "ternary,tradeoff,w4", "ternary,tradeoff,sparse"),
-     (("ternary,tradeoff,sparse", "ternary,tradeoff,w4"),), "model.width"),
+    (("float,tradeoff", "ternary,tradeoff,w6", "ternary,tradeoff,sparse"),  # smoke: width 4
+     (("ternary,tradeoff,sparse", "ternary,tradeoff,w6"),), "model.width"),
 ])
 def test_a_source_that_cannot_start_its_model_fails_before_any_work(tmp_path, models, sources,
                                                                       match):
