@@ -105,4 +105,5 @@ def test_config_name_lists_match_the_registries():
     assert tuple(config_lib.STRATEGIES) == tuple(distribute.STRATEGIES)
     assert tuple(config_lib.SPARSITY_PENALTIES) == tuple(group_sparsity.PENALTIES)
     assert tuple(config_lib.SPARSITY_COSTS) == tuple(group_sparsity.COST_MEASURES)
+    assert tuple(config_lib.BR_PRECISIONS) == tuple(binary_relax.BR_PRECISIONS)
     assert set(config_lib.base_config().eval.attacks) <= set(evaluation.ATTACKS)

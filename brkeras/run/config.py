@@ -15,6 +15,7 @@ LOSSES = ("natural", "pgd", "tradeoff", "trades")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 SPARSITY_PENALTIES = ("group_l1", "tl1")
 SPARSITY_COSTS = ("macs", "params")  # group_sparsity.COST_MEASURES (config stays TF-free)
+BR_PRECISIONS = tuple(p for p in PRECISIONS if p not in ("float", "int8_qat"))  # binary_relax's
 
 
 def base_config():
@@ -261,6 +262,22 @@ def validate(c):
              "config.sparsity with quant.precision='binary': binary Q(w) = mean|w| sign(w) is "
              "never zero, so no channel can be removed; use ternary or k-bit")
     return c
+
+
+def init_source_problem(source, config):
+    """Why a finished run of config `source` cannot start a run of `config` through
+    init_from (`train.initial_weights`), or "" if it can: it must be a float or a
+    Binary-Relax run of the same network (depth, width, ensemble) and data set.
+    One rule for the train stage and for the pipeline's check before any work."""
+    if source.quant.precision not in ("float",) + BR_PRECISIONS:
+        return (f"it is a {source.quant.precision} model (a tfmot int8 QAT model is no start "
+                f"for another model); start from a float or a Binary-Relax model {BR_PRECISIONS}")
+    for section, name in (("model", "depth"), ("model", "width"), ("model", "ensemble"),
+                          ("data", "name")):
+        if source[section][name] != config[section][name]:
+            return (f"it has {section}.{name}={source[section][name]!r}, this run "
+                    f"{config[section][name]!r}; a run starts from one of the same network and data")
+    return ""
 
 
 def phase2_epoch(c):

@@ -105,10 +105,9 @@ def _source_pairs(ft):
     return [tuple(p) for p in pairs]
 
 
-def _check_sources(config, args, pipeline_dir):
+def _check_sources(config, args):
     """Each (model, source) pair whose model is in the pipeline: the source is in it
-    too, before the model, and a float or Binary-Relax run of the same network and
-    data (what `train.initial_weights` needs), so a bad pair fails before any work."""
+    too, before the model (what the source can start is `_check`'s, for every model)."""
     ft = config.pipeline.get("finetune")
     pairs = _source_pairs(ft) if ft is not None else []
     if pairs and not ft.from_model:
@@ -124,17 +123,6 @@ def _check_sources(config, args, pipeline_dir):
                 f"be in config.pipeline.models {tuple(args)}, before the model (it is trained "
                 "first); add it there, or drop the pair (--config.pipeline.finetune.sources='()' "
                 "fine-tunes every model from finetune.from_model)")
-        m, s = model_config(config, model, pipeline_dir), model_config(config, source, pipeline_dir)
-        if s.quant.precision == "int8_qat":
-            raise ValueError(f"config.pipeline.finetune.sources has ({model!r}, {source!r}): "
-                             "a tfmot int8 QAT model is no start for another model; give a "
-                             "float or Binary-Relax source")
-        for field in ("model.depth", "model.width", "model.ensemble", "data.name"):
-            section, name = field.split(".")
-            if m[section][name] != s[section][name]:
-                raise ValueError(f"config.pipeline.finetune.sources has ({model!r}, {source!r}) "
-                                 f"with {field} {m[section][name]!r} vs {s[section][name]!r}; "
-                                 "a model fine-tunes from a run of the same network and data")
 
 
 def _marker(workdir, stage):
@@ -174,9 +162,15 @@ def _check(config, pipeline_dir=None):
         raise ValueError(f"config.pipeline.finetune.from_model={ft.from_model!r} must be the "
                          f"first of config.pipeline.models {tuple(args)} (the others start "
                          "from it), or '' to train every model from scratch")
-    _check_sources(config, args, pipeline_dir)
+    _check_sources(config, args)
     # every ARG checked before any training, so a typo in the last model fails now
-    return [(a, model_config(config, a, pipeline_dir), n) for a, n in zip(args, names)]
+    configs = dict(zip(args, (model_config(config, a, pipeline_dir) for a in args)))
+    for arg, c in configs.items():
+        start = finetune_source(config, arg)
+        problem = start and config_lib.init_source_problem(configs[start], c)
+        if problem:
+            raise ValueError(f"config.pipeline: {arg!r} fine-tunes from {start!r}, but {problem}")
+    return [(a, configs[a], n) for a, n in zip(args, names)]
 
 
 @lock.locked("pipeline", dir_arg="pipeline_dir")  # and each stage locks its model dir

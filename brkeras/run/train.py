@@ -84,17 +84,9 @@ def initial_weights(config):
     if not workdir_lib.read_state(source)["finished"]:
         raise workdir_lib.WorkdirError(f"config.init_from={source} is not a finished run; "
                                        "train it first")
-    if src.quant.precision not in ("float",) + binary_relax.BR_PRECISIONS:
-        raise ValueError(f"config.init_from={source} is a {src.quant.precision} model; "
-                         "start from a float or a Binary-Relax model "
-                         f"{binary_relax.BR_PRECISIONS}")
-    for field in ("depth", "width", "ensemble"):
-        if src.model[field] != config.model[field]:
-            raise ValueError(f"config.init_from={source} has model.{field}="
-                             f"{src.model[field]}, this run {config.model[field]}; they must match")
-    if src.data.name != config.data.name:
-        raise ValueError(f"config.init_from={source} was trained on {src.data.name}, "
-                         f"this run uses {config.data.name}")
+    problem = config_lib.init_source_problem(src, config)
+    if problem:
+        raise ValueError(f"config.init_from={source}: {problem}")
     trained = load(source)
     if src.quant.precision == "float":
         return trained.get_weights()
