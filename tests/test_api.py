@@ -57,3 +57,31 @@ def test_public_names_resolve_lazily():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("unknown names must raise AttributeError")
+
+
+_ONEDNN_PROBE = (
+    "import brkeras, os; from brkeras import tf; "
+    "from tensorflow.python.util import _pywrap_util_port as p; "
+    "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), p.IsMklEnabled())")
+
+
+def _onednn_state(env_value):
+    import platform
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if env_value is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = env_value
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return platform.machine().lower(), out.stdout.split()
+
+
+def test_importing_brkeras_turns_onednn_on_unless_the_user_said_no():
+    machine, (value, enabled) = _onednn_state(None)
+    if machine not in ("x86_64", "amd64"):
+        assert value == "None"  # left to TensorFlow off x86
+        return
+    assert (value, enabled) == ("1", "True")
+    assert _onednn_state("0")[1] == ["0", "False"]  # the user's choice wins
