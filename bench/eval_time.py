@@ -25,6 +25,7 @@ from brkeras.deploy.latency import host_info  # noqa: E402
 from brkeras.run import evaluate as evaluate_lib  # noqa: E402
 from brkeras.run import train as train_lib  # noqa: E402
 from brkeras.run import workdir as workdir_lib  # noqa: E402
+from brkeras.train import precision  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's work dir", required=True)
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["200", "500", "1000"], "eval.batch_size values")
@@ -52,7 +53,7 @@ def main(argv):
     x, y = evaluate_lib.test_images(config)
     h = host_info()
     print(f"# {WORKDIR.value}: {len(x)} examples; {h['cpu']}, {h['cpu_count']} cores, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+          f"oneDNN {precision.onednn_enabled()}, load {os.getloadavg()[0]:.2f}", flush=True)
     times = {b: [] for b in sizes}
     print("| round | batch | s | worst case | PGD-20 EOT |\n|---:|---:|---:|---:|---:|")
     for r in range(1, ROUNDS.value + 1):

@@ -208,7 +208,8 @@ def _machine():
     bf16 = [f for f in precision.BF16_CPU_FLAGS if f in flags_]
     return (f"{latency.host_info()['cpu']}, {os.cpu_count()} CPU cores, "
             f"AVX-512 {'yes' if 'avx512f' in flags_ else 'no'}, "
-            f"bf16 flags {bf16 or 'none'}, TF {tf.__version__}")
+            f"bf16 flags {bf16 or 'none'}, oneDNN {precision.onednn_enabled()}, "
+            f"TF {tf.__version__}")
 
 
 def _load():

@@ -60,9 +60,8 @@ def test_public_names_resolve_lazily():
 
 
 _ONEDNN_PROBE = (
-    "import brkeras, os; from brkeras import tf; "
-    "from tensorflow.python.util import _pywrap_util_port as p; "
-    "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), p.IsMklEnabled())")
+    "import os, brkeras; from brkeras.train import precision; "
+    "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), precision.onednn_enabled())")
 
 
 def _onednn_state(env_value):

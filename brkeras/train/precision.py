@@ -52,6 +52,16 @@ def check_policy(policy):
     return policy
 
 
+def onednn_enabled():
+    """Whether this TensorFlow runs its oneDNN CPU kernels (brkeras asks for them on x86,
+    brkeras/__init__.py); None where TensorFlow does not say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def cpu_flags(cpuinfo=None):
     """The CPU feature flags of the first processor in /proc/cpuinfo (Linux), or
     of the given cpuinfo text; an empty set where there is none to read."""
