@@ -18,15 +18,21 @@ Binary-Relax phase I for the first epoch with lam growing per step to 10, exact
 Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
-Cost and result on 2 CPU cores. With this config (2026-12-07, an AMD EPYC with
-AVX2 only, about 5x slower than the machines below: a float epoch 108-142 s;
-README.md's table; 1000 test images, expected prediction over 4 noise draws;
-EOT-PGD-20 / worst case over every attack incl. APGD-CE/DLR with EOT):
-  float from scratch:                               83.8% natural, 72.4% / 71.1%
-  ternary fine-tuned from it:                       83.2% natural, 72.3% / 71.5%
-  ternary + group sparsity (46% channels), from it: 83.3% natural, 69.9% / 68.9%,
-                                                    0.64x MACs, zipped file 0.349x
-  the same with the plain PGD loss:                 81.6% natural, 68.0% / 66.1%
+Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone,
+2026-12-07: 35.6 min in all, pipeline 2025 s, on an AMD EPYC with AVX2 only and
+TensorFlow's oneDNN kernels on; README.md's table; 1000 test images, expected
+prediction over 4 noise draws; EOT-PGD-20 / worst case over every attack incl.
+APGD-CE/DLR with EOT):
+  float from scratch:                               84.1% natural, 71.4% / 70.1%
+  ternary fine-tuned from it:                       83.4% natural, 70.0% / 69.1%
+  ternary + group sparsity (46% channels), from it: 82.2% natural, 67.6% / 66.8%,
+                                                    0.59x MACs, zipped file 0.342x
+  the same with the plain PGD loss:                 81.2% natural, 67.0% / 65.6%
+  4-bit + group sparsity (46% channels):            84.7% natural, 72.8% / 71.3%
+  tfmot 8-bit QAT from the float model:             85.3% natural, 74.3% / 73.3%
+The day's first run, on the same machine kind, with oneDNN off and three of its
+trainings copied in from experiments, gave the sparse ternary model 83.3% /
+69.9% / 68.9% against a float model at 83.8% / 72.4% / 71.1%.
 Before it (unweighted 30% sparsity from the float model; 2026-12-02 to 12-04:
 20.3 min in all on an AMD EPYC with AVX-512, 27.3 and 30.9 min on slower days,
 20.6 min at 6c7e09c when 084a4ca's job took 22.0 min right before it):
