@@ -32,10 +32,11 @@ import sys
 if "tensorflow" not in sys.modules:  # brkeras._keras explains why, and warns otherwise
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     if platform.machine().lower() in ("x86_64", "amd64"):
-        # TensorFlow turns its oneDNN kernels on by default only on x86 CPUs with
-        # AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX. On an AVX2-only CPU they make
-        # brkeras's training step 2.6x and its attacks 1.6-1.9x faster (README,
-        # "Speed"), so brkeras asks for them; a user's own setting (0) wins.
+        # TensorFlow (Linux) turns its oneDNN kernels on by default only on x86 CPUs
+        # with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX. On an AVX2-only CPU they
+        # make brkeras's training step 2.6x and its attacks 1.6-1.9x faster (README,
+        # "oneDNN on CPUs without AVX-512"), so brkeras asks for them; a user's own
+        # setting (0) wins.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
