@@ -18,8 +18,8 @@ Binary-Relax phase I for the first epoch with lam growing per step to 10, exact
 Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
-Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone,
-2026-12-07: 35.6 min in all, pipeline 2025 s, on an AMD EPYC with AVX2 only and
+Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
+58e530c, 2026-12-07: 35.6 min in all, pipeline 2025 s, on an AMD EPYC with AVX2 only and
 TensorFlow's oneDNN kernels on; README.md's table; 1000 test images, expected
 prediction over 4 noise draws; EOT-PGD-20 / worst case over every attack incl.
 APGD-CE/DLR with EOT):

@@ -1,6 +1,9 @@
 """The public API, exactly as the README's "Use it from Keras" shows it."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 
@@ -67,8 +70,6 @@ _TF_FIRST_PROBE = (
 
 
 def _run_probe(probe, env_value):
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if env_value is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = env_value
@@ -79,8 +80,6 @@ def _run_probe(probe, env_value):
 
 
 def test_importing_brkeras_turns_onednn_on_unless_the_user_said_no():
-    import platform
-    import sys
     value, enabled = _run_probe(_ONEDNN_PROBE, None)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         assert value == "None"  # left to TensorFlow off x86
