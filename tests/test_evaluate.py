@@ -17,6 +17,7 @@ from brkeras.quant import binary_relax
 from brkeras.run import evaluate as run_evaluate
 from brkeras.robust import sanity
 from brkeras.run import train as train_lib
+from brkeras.train import precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -70,6 +71,7 @@ def test_eval_json_on_disk_is_the_returned_result(ternary):
     with open(os.path.join(wd, "eval.json")) as f:
         on_disk = json.load(f)
     assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["onednn"] == precision.onednn_enabled()  # which kernels ran the attacks
 
 
 def test_natural_accuracy_and_counts(ternary):

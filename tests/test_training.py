@@ -13,6 +13,7 @@ from brkeras import data
 from brkeras import errors
 from brkeras.robust import losses
 from brkeras.train import adversarial_model
+from brkeras.train import precision
 from brkeras.quant import binary_relax
 from brkeras.run import config as config_lib
 from brkeras.run import train as train_lib
@@ -133,6 +134,7 @@ def test_train_writes_workdir_and_load_gives_exact_ternary(tmp_path):
     rows = train_lib.train(smoke_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"loss", "nat_acc", "adv_acc", "lr", "br_lam", "br_exact"} <= set(rows[0])
+    assert all(r["onednn"] == precision.onednn_enabled() for r in rows)  # which kernels trained
     # Binary-Relax schedule: phase I in epoch 1 (lam0), exact from epoch 2 (fraction 0.5).
     assert rows[0]["br_lam"] == pytest.approx(1.0) and rows[0]["br_exact"] is False
     assert rows[1]["br_lam"] == pytest.approx(1.05) and rows[1]["br_exact"] is True

@@ -26,6 +26,7 @@ from brkeras.run import lock
 from brkeras.run import report
 from brkeras.run import train as train_lib
 from brkeras.run import workdir as workdir_lib
+from brkeras.train import precision
 
 ATTACKS = tuple(evaluation.ATTACKS)
 
@@ -106,6 +107,7 @@ def evaluate(workdir, overrides=None, verbose=1):
     result["workdir"] = os.path.abspath(workdir)
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
+    result["onednn"] = precision.onednn_enabled()  # the attacks' kernels (README, oneDNN)
     result["time_s"] = round(time.time() - t0, 1)
     report.write_eval_report(workdir, result, workdir_lib.read_metrics(workdir),
                              train_attack=config.adv.get("method", "pgd"))

@@ -164,6 +164,8 @@ class EpochLogger(keras.callbacks.Callback):
                       else (None, None))
         record = {"epoch": epoch + 1, "time_s": round(time.time() - self._t0, 2),
                   "lr": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+                  # oneDNN's results differ run to run on some CPUs (README): say which ran
+                  "onednn": precision.onednn_enabled(),
                   **{k: float(v) for k, v in logs.items()}}
         if lam is not None:
             record.update(br_lam=lam, br_exact=bool(exact))
