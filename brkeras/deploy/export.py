@@ -32,6 +32,7 @@ from brkeras.errors import ExportError, ParityError
 from brkeras.nn import layers as layers_lib
 from brkeras.nn.deploy import deploy_model
 from brkeras.quant import binary_relax, sparsity
+from brkeras.quant.binary_relax import architecture_copy
 from brkeras._keras import keras
 
 
@@ -225,27 +226,6 @@ def export_qat(model, out_dir, stem, x_test, y_test, noise, min_agreement=0.995,
 
 # ---------------------------------------------------------------------------
 # Exporting a trained model, in memory
-
-
-def architecture_copy(model, sigma=None, unwrap=False):
-    """A fresh functional copy of `model`'s architecture (new, untrained weights).
-
-    sigma: replaces the scale of every FeynmanKacNoise (0 = the deterministic
-    deploy; the layer then is the identity). unwrap: tfmot QuantizeWrappers are
-    replaced by a fresh copy of the layer they wrap (same name), which gives the
-    float deploy architecture of a Binary-Relax model. Layer names are kept, so
-    weights pair by name (`binary_relax.copy_to_float`, `copy_weights_by_name`).
-    """
-    def clone(layer):
-        if unwrap and isinstance(layer, binary_relax.QuantizeWrapper):
-            layer = layer.layer
-        cfg = layer.get_config()
-        if sigma is not None and isinstance(layer, layers_lib.FeynmanKacNoise):
-            cfg["sigma"] = float(sigma)
-        return layer.__class__.from_config(cfg)
-
-    with binary_relax.custom_object_scope():
-        return keras.models.clone_model(model, clone_function=clone)
 
 
 def _parity_bars(min_agreement, min_agreement_full_int8, max_accuracy_drop_full_int8):

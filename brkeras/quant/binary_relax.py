@@ -406,3 +406,33 @@ def copy_to_float(qmodel, float_model, latent=False):
                              f"({[n for n, _ in values]})")
         layer.set_weights([v for _, v in values])
     return float_model
+
+
+def architecture_copy(model, sigma=None, unwrap=False):
+    """A fresh functional copy of `model`'s architecture (new, untrained weights).
+
+    sigma: replaces the scale of every FeynmanKacNoise (0 = the deterministic
+    deploy; the layer then is the identity). unwrap: tfmot QuantizeWrappers are
+    replaced by a fresh copy of the layer they wrap (same name), which gives the
+    float deploy architecture of a Binary-Relax model. Layer names are kept, so
+    weights pair by name (`copy_to_float`, `deploy.export.copy_weights_by_name`).
+    """
+    from brkeras.nn import layers  # pylint: disable=g-import-not-at-top
+
+    def clone(layer):
+        if unwrap and isinstance(layer, QuantizeWrapper):
+            layer = layer.layer
+        cfg = layer.get_config()
+        if sigma is not None and isinstance(layer, layers.FeynmanKacNoise):
+            cfg["sigma"] = float(sigma)
+        return layer.__class__.from_config(cfg)
+
+    with custom_object_scope():
+        return keras.models.clone_model(model, clone_function=clone)
+
+
+def exact_float_model(qmodel):
+    """The plain Keras model that computes what the Binary-Relax model `qmodel`
+    computes in exact mode: no QuantizeWrapper, every quantized kernel the constant
+    Q(w) (the deploy model before TFLite). Its noise layers are fresh copies."""
+    return copy_to_float(qmodel, architecture_copy(qmodel, unwrap=True))

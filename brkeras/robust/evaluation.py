@@ -52,6 +52,11 @@ Cost: every (attack, mode) is one pass of nb_iter x draws gradient calls per
 batch; predictions are one compiled forward pass per draw over batches of
 `predict_batch_size`; the eps sweep and the more-effort baseline reuse the main
 runs at the main eps (and the natural accuracy at eps 0) instead of repeating them.
+The attacks and predictions run on `attack_network(model)`: for a Binary-Relax
+model its plain float copy with the constant Q(w) (no quantizer work per call),
+and in every model each conv -> BatchNorm pair folded into one conv (nn/fold.py),
+checked to give the model's logits before use; eval.json's "attack_network"
+says what was done.
 """
 
 import dataclasses
@@ -61,6 +66,7 @@ from typing import Callable
 
 import numpy as np
 
+from brkeras.nn import fold
 from brkeras.nn import graph
 from brkeras.nn import layers as layers_lib
 from brkeras.quant import binary_relax
@@ -208,6 +214,44 @@ def split_at_noise(net, check_x=None):
         if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
             return None
     return prefix, suffix
+
+
+def _logits_without_noise(net, x):
+    layers = _noise_layers(net)
+    sigmas = [l.sigma for l in layers]
+    try:
+        for l in layers:
+            l.sigma = 0.0  # the noise layers become the identity (eager calls)
+        return net(tf.constant(x, tf.float32), training=False).numpy()
+    finally:
+        for l, s in zip(layers, sigmas):
+            l.sigma = s
+
+
+def attack_network(net, check_x):
+    """(the network the attacks run on, what was done): `net`'s function in a
+    cheaper form. A Binary-Relax model (in exact mode) becomes its plain float
+    copy with the constant Q(w) (binary_relax.exact_float_model: no quantizer
+    work per call); then every conv -> BatchNorm pair is folded (nn/fold.py).
+    Used only when its logits on `check_x` with the noise off match `net`'s
+    (rtol and atol 1e-4 of the largest logit); else `net` itself. Inference
+    only: the copy shares or copies `net`'s weights at this moment.
+    """
+    done = {"exact_float_copy": False, "folded_batchnorm": 0, "checked_examples": 0}
+    try:
+        out = binary_relax.exact_float_model(net) if binary_relax.br_quantizers(net) else net
+        out, done["folded_batchnorm"] = fold.fold_batchnorm(out)
+    except ValueError:  # a layer called twice, or an architecture the copies do not know
+        return net, done
+    done["exact_float_copy"] = out is not net and bool(binary_relax.br_quantizers(net))
+    if out is net:
+        return net, done
+    a, b = _logits_without_noise(net, check_x), _logits_without_noise(out, check_x)
+    if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
+        return net, {"exact_float_copy": False, "folded_batchnorm": 0, "checked_examples": 0,
+                     "fallback": f"the copy's logits differ by {float(np.abs(a - b).max()):.3g}"}
+    done["checked_examples"] = int(len(check_x))
+    return out, done
 
 
 class StochasticModel:
@@ -475,11 +519,12 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
         restore_phase = binary_relax.br_state(model)[1]
         binary_relax.set_exact(model, True)
     try:
-        m = StochasticModel(model, draws, batch_size, predict_batch_size, check_x=x[:8])
+        net, how = attack_network(model, x[:8])
+        m = StochasticModel(net, draws, batch_size, predict_batch_size, check_x=x[:8])
         nat = m.correct(x, y)
         result = {"n_examples": n, "eps": eps,
                   "noise": {"sigma": sigma, "draws": draws, "stochastic": stochastic},
-                  "natural_acc": _acc(*nat), "attacks": {}}
+                  "attack_network": how, "natural_acc": _acc(*nat), "attacks": {}}
         say(f"[evaluate] {n} test examples, natural accuracy {result['natural_acc']}", flush=True)
         n_batches = math.ceil(n / m.batch_size)
         members = {"natural": nat[1]}  # worst-case members: expected correctness [n]
