@@ -19,17 +19,20 @@ Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
 Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
-58e530c, 2026-12-07: 35.6 min in all, pipeline 2025 s, on an AMD EPYC with AVX2 only and
-TensorFlow's oneDNN kernels on; README.md's table; 1000 test images, expected
+3e0a984, 2026-12-07 07:33 UTC: 27.0 min in all, pipeline 1545 s, on an AMD EPYC
+with AVX2 only and TensorFlow's oneDNN kernels on; 084a4ca's five-model job took
+25.0 min right after it; README.md's table; 1000 test images, expected
 prediction over 4 noise draws; EOT-PGD-20 / worst case over every attack incl.
 APGD-CE/DLR with EOT):
-  float from scratch:                               84.1% natural, 71.4% / 70.1%
+  float from scratch:                               84.1% natural, 71.3% / 70.4%
   ternary fine-tuned from it:                       83.4% natural, 70.0% / 69.1%
-  ternary + group sparsity (46% channels), from it: 82.2% natural, 67.6% / 66.8%,
+  ternary + group sparsity (46% channels), from it: 81.9% natural, 67.6% / 66.8%,
                                                     0.59x MACs, zipped file 0.342x
-  the same with the plain PGD loss:                 81.2% natural, 67.0% / 65.6%
-  4-bit + group sparsity (46% channels):            84.7% natural, 72.8% / 71.3%
-  tfmot 8-bit QAT from the float model:             85.3% natural, 74.3% / 73.3%
+  the same with the plain PGD loss:                 81.2% natural, 67.1% / 65.7%
+  4-bit + group sparsity (46% channels):            84.7% natural, 72.9% / 71.3%
+  tfmot 8-bit QAT from the float model:             85.3% natural, 74.3% / 73.4%
+The morning's run of 58e530c (35.6 min on a slower hour) trained the same files
+byte for byte; its evaluation differed by at most 0.5 points.
 The day's first run, on the same machine kind, with oneDNN off and three of its
 trainings copied in from experiments, gave the sparse ternary model 83.3% /
 69.9% / 68.9% against a float model at 83.8% / 72.4% / 71.1%.

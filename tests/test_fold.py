@@ -1,7 +1,6 @@
 """BatchNorm folding and the attack network of the evaluation: same function, fewer ops."""
 
 import numpy as np
-import pytest
 
 from brkeras._keras import keras, tf
 from brkeras.nn import fold

@@ -33,7 +33,6 @@ from brkeras.nn import layers as layers_lib
 from brkeras.nn.deploy import deploy_model
 from brkeras.quant import binary_relax, sparsity
 from brkeras.quant.binary_relax import architecture_copy
-from brkeras._keras import keras
 
 
 def quantized_from_model(model, layer_names, kmax):

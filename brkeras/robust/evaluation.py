@@ -59,6 +59,7 @@ checked to give the model's logits before use; eval.json's "attack_network"
 says what was done.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -165,6 +166,20 @@ def _noise_layers(net):
                                                     layers_lib.AddScaledNoise)) and l.sigma > 0]
 
 
+@contextlib.contextmanager
+def noise_off(net):
+    """Within the block, `net`'s noise layers are the identity (sigma 0; eager calls)."""
+    layers = _noise_layers(net)
+    sigmas = [l.sigma for l in layers]
+    try:
+        for l in layers:
+            l.sigma = 0.0
+        yield net
+    finally:
+        for l, sigma in zip(layers, sigmas):
+            l.sigma = sigma
+
+
 def split_at_noise(net, check_x=None):
     """(prefix, suffix) Keras models of a functional model cut before its noise, or None.
 
@@ -200,32 +215,18 @@ def split_at_noise(net, check_x=None):
     new = graph.replay(after, {id(t): i for t, i in zip(cut, inputs)})
     suffix = keras.Model(inputs, new[id(net.outputs[0])], name=net.name + "_suffix")
     if check_x is not None:
-        layers = _noise_layers(net)
-        sigmas = [l.sigma for l in layers]
-        try:
-            for l in layers:
-                l.sigma = 0.0  # the noise layers become the identity (eager calls)
+        with noise_off(net):
             xc = tf.constant(check_x, tf.float32)
             a = net(xc, training=False).numpy()
             b = suffix(graph.flat(prefix(xc, training=False)), training=False).numpy()
-        finally:
-            for l, s in zip(layers, sigmas):
-                l.sigma = s
         if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
             return None
     return prefix, suffix
 
 
 def _logits_without_noise(net, x):
-    layers = _noise_layers(net)
-    sigmas = [l.sigma for l in layers]
-    try:
-        for l in layers:
-            l.sigma = 0.0  # the noise layers become the identity (eager calls)
+    with noise_off(net):
         return net(tf.constant(x, tf.float32), training=False).numpy()
-    finally:
-        for l, s in zip(layers, sigmas):
-            l.sigma = s
 
 
 def attack_network(net, check_x):
