@@ -17,9 +17,10 @@ def randomise_batchnorm(model, seed=0):
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 2.0, n), rng.normal(0, 0.5, n),
-                               rng.normal(0, 0.5, n), rng.uniform(0.2, 3.0, n)])
+            n = layer.moving_mean.shape[0]
+            gamma_beta = ([rng.uniform(0.5, 2.0, n)] if layer.scale else []) + (
+                [rng.normal(0, 0.5, n)] if layer.center else [])
+            layer.set_weights(gamma_beta + [rng.normal(0, 0.5, n), rng.uniform(0.2, 3.0, n)])
     return model
 
 
@@ -123,3 +124,44 @@ def test_evaluation_on_the_attack_network_gives_the_numbers_of_the_model(monkeyp
     for name in ("fgsm", "pgd20"):  # PGD's random start is seeded per call: within 2 examples
         a, b = fast["attacks"][name]["plain"]["single"], slow["attacks"][name]["plain"]["single"]
         assert abs(a - b) <= 2 / 64 + 1e-9, (name, a, b)
+
+
+def test_fold_handles_a_conv_bias_and_batchnorm_without_gamma_or_beta():
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((6, 6, 2))
+    h = L.Conv2D(3, 3, padding="same", use_bias=True, bias_initializer="random_normal",
+                 name="biased")(inp)
+    h = L.ReLU()(L.BatchNormalization(center=False, name="no_beta")(h))
+    h = L.Conv2D(3, 3, padding="same", use_bias=False, name="plain")(h)
+    out = L.BatchNormalization(scale=False, name="no_gamma")(h)  # the model's output: folds too
+    m = randomise_batchnorm(keras.Model(inp, out), seed=6)
+    folded, pairs = fold.fold_batchnorm(m)
+    assert pairs == 2
+    x = images(4, (6, 6, 2))
+    np.testing.assert_allclose(folded(x, training=False).numpy(), m(x, training=False).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fold_skips_a_bfloat16_conv():
+    inp = keras.Input((6, 6, 2))
+    h = L.Conv2D(3, 3, padding="same", use_bias=False, dtype="mixed_bfloat16")(inp)
+    m = keras.Model(inp, L.BatchNormalization()(h))
+    assert fold.fold_batchnorm(m) == (m, 0)  # k * s in bf16 would not be the model's function
+
+
+def test_attack_network_records_why_it_kept_the_model(monkeypatch):
+    keras.utils.set_random_seed(7)
+    net = randomise_batchnorm(models.build_model((28, 28, 1), 10, depth=8, width=4, sigma=0.0))
+    q = binary_relax.quantize_model(net, "ternary")
+    binary_relax.set_exact(q, False)  # phase I: Q(w) is not what the model computes
+    x = images(4)
+    copy, how = evaluation.attack_network(q, x)
+    assert copy is q and not how["exact_float_copy"] and "not in exact mode" in how["fallback"]
+
+    def broken(model):
+        raise NotImplementedError("a layer fold.py cannot rebuild")
+    monkeypatch.setattr(fold, "fold_batchnorm", broken)
+    binary_relax.set_exact(q, True)
+    copy, how = evaluation.attack_network(q, x)  # the exact copy stays, the fold is skipped
+    assert how["exact_float_copy"] and how["folded_batchnorm"] == 0
+    assert "NotImplementedError" in how["fallback"] and copy is not q

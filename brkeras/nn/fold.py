@@ -26,8 +26,9 @@ def _last_axis(bn, rank):
 
 
 def foldable_pairs(model):
-    """{id(conv): bn} of the plain Conv2D layers (linear activation, one group) whose
-    output is read only by a channels-last BatchNormalization."""
+    """{id(conv): bn} of the plain float32 channels-last Conv2D layers (linear
+    activation, one group) whose output is read only by a BatchNormalization
+    over the channel axis."""
     sites = graph.call_sites(model)
     readers, producer = {}, {}
     for layer, node in sites:
@@ -45,7 +46,9 @@ def foldable_pairs(model):
         conv = producer.get(id(ins[0]))
         if (type(conv) is keras.layers.Conv2D and readers[id(ins[0])] == 1
                 and conv.get_config()["activation"] == "linear" and conv.groups == 1
-                and _last_axis(layer, ins[0].shape.rank)):
+                and conv.data_format == "channels_last" and _last_axis(layer, ins[0].shape.rank)
+                # a bf16 conv would round k * s and the bias that BatchNorm kept in float32
+                and conv.compute_dtype == "float32" and layer.compute_dtype == "float32"):
             pairs[id(conv)] = layer
     return pairs
 

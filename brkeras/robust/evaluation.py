@@ -231,27 +231,53 @@ def _logits_without_noise(net, x):
 
 def attack_network(net, check_x):
     """(the network the attacks run on, what was done): `net`'s function in a
-    cheaper form. A Binary-Relax model (in exact mode) becomes its plain float
-    copy with the constant Q(w) (binary_relax.exact_float_model: no quantizer
-    work per call); then every conv -> BatchNorm pair is folded (nn/fold.py).
-    Used only when its logits on `check_x` with the noise off match `net`'s
-    (rtol and atol 1e-4 of the largest logit); else `net` itself. Inference
-    only: the copy shares or copies `net`'s weights at this moment.
+    cheaper form. A Binary-Relax model (in exact mode: evaluate_model sets it)
+    becomes its plain float copy with the constant Q(w)
+    (binary_relax.exact_float_model: no quantizer work per call); then every
+    float32 conv -> BatchNorm pair is folded (nn/fold.py). Each step is kept only
+    when its logits on `check_x` with the noise off match the previous network's
+    (rtol and atol 1e-4 of the largest logit); a step that fails or raises is
+    skipped, and its reason recorded under "fallback". Inference only: the copy
+    shares or copies `net`'s weights at this moment.
     """
     done = {"exact_float_copy": False, "folded_batchnorm": 0, "checked_examples": 0}
+    fallback = []
+    ref = _logits_without_noise(net, check_x)
+    scale = max(1.0, float(np.abs(ref).max()))
+
+    def same(candidate):
+        got = _logits_without_noise(candidate, check_x)
+        ok = np.allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
+        return ok, float(np.abs(got - ref).max())
+
+    out = net
+    if binary_relax.br_quantizers(net):
+        try:
+            if not binary_relax.br_state(net)[1]:
+                raise ValueError("the Binary-Relax model is not in exact mode "
+                                 "(binary_relax.set_exact)")
+            copy = binary_relax.exact_float_model(net)
+            ok, diff = same(copy)
+            if ok:
+                out, done["exact_float_copy"] = copy, True
+            else:
+                fallback.append(f"exact float copy: logits differ by {diff:.3g}")
+        except Exception as e:  # pylint: disable=broad-except  # a layer the copy cannot clone
+            fallback.append(f"exact float copy: {e!r}")
     try:
-        out = binary_relax.exact_float_model(net) if binary_relax.br_quantizers(net) else net
-        out, done["folded_batchnorm"] = fold.fold_batchnorm(out)
-    except ValueError:  # a layer called twice, or an architecture the copies do not know
-        return net, done
-    done["exact_float_copy"] = out is not net and bool(binary_relax.br_quantizers(net))
-    if out is net:
-        return net, done
-    a, b = _logits_without_noise(net, check_x), _logits_without_noise(out, check_x)
-    if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
-        return net, {"exact_float_copy": False, "folded_batchnorm": 0, "checked_examples": 0,
-                     "fallback": f"the copy's logits differ by {float(np.abs(a - b).max()):.3g}"}
-    done["checked_examples"] = int(len(check_x))
+        folded, pairs = fold.fold_batchnorm(out)
+        if pairs:
+            ok, diff = same(folded)
+            if ok:
+                out, done["folded_batchnorm"] = folded, pairs
+            else:
+                fallback.append(f"BatchNorm fold: logits differ by {diff:.3g}")
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a layer called twice
+        fallback.append(f"BatchNorm fold: {e!r}")
+    if out is not net:
+        done["checked_examples"] = int(len(check_x))
+    if fallback:
+        done["fallback"] = "; ".join(fallback)
     return out, done
 
 
