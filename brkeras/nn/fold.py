@@ -25,11 +25,11 @@ def _last_axis(bn, rank):
     return len(axis) == 1 and axis[0] in (-1, rank - 1)
 
 
-def foldable_pairs(model):
+def foldable_pairs(model, sites=None):
     """{id(conv): bn} of the plain float32 channels-last Conv2D layers (linear
     activation, one group) whose output is read only by a BatchNormalization
-    over the channel axis."""
-    sites = graph.call_sites(model)
+    over the channel axis. sites: graph.call_sites(model), if already known."""
+    sites = graph.call_sites(model) if sites is None else sites
     readers, producer = {}, {}
     for layer, node in sites:
         for t in graph.flat(node.input_tensors):
@@ -71,7 +71,8 @@ def fold_batchnorm(model):
     `model`. A model with no pair is returned as is. Raises ValueError (from
     graph.call_sites) for a model that calls a layer more than once.
     """
-    pairs = foldable_pairs(model)
+    sites = graph.call_sites(model)
+    pairs = foldable_pairs(model, sites)
     if not pairs or len(model.inputs) != 1 or len(model.outputs) != 1:
         return model, 0
     folded_bns = {id(bn) for bn in pairs.values()}
@@ -91,5 +92,5 @@ def fold_batchnorm(model):
 
     inp = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
                       name=model.inputs[0].name.split(":")[0])
-    new = graph.replay(graph.call_sites(model), {id(model.inputs[0]): inp}, substitute)
+    new = graph.replay(sites, {id(model.inputs[0]): inp}, substitute)
     return keras.Model(inp, new[id(model.outputs[0])], name=model.name + "_folded"), len(pairs)

@@ -180,6 +180,11 @@ def noise_off(net):
             l.sigma = sigma
 
 
+def _same_logits(want, got):
+    """The check of every rebuilt network: rtol and atol 1e-4 of the largest logit."""
+    return np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
 def split_at_noise(net, check_x=None):
     """(prefix, suffix) Keras models of a functional model cut before its noise, or None.
 
@@ -219,7 +224,7 @@ def split_at_noise(net, check_x=None):
             xc = tf.constant(check_x, tf.float32)
             a = net(xc, training=False).numpy()
             b = suffix(graph.flat(prefix(xc, training=False)), training=False).numpy()
-        if not np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max()))):
+        if not _same_logits(a, b):
             return None
     return prefix, suffix
 
@@ -235,50 +240,43 @@ def attack_network(net, check_x):
     becomes its plain float copy with the constant Q(w)
     (binary_relax.exact_float_model: no quantizer work per call); then every
     float32 conv -> BatchNorm pair is folded (nn/fold.py). Each step is kept only
-    when its logits on `check_x` with the noise off match the previous network's
+    when its logits on `check_x` with the noise off match `net`'s
     (rtol and atol 1e-4 of the largest logit); a step that fails or raises is
     skipped, and its reason recorded under "fallback". Inference only: the copy
     shares or copies `net`'s weights at this moment.
     """
     done = {"exact_float_copy": False, "folded_batchnorm": 0, "checked_examples": 0}
-    fallback = []
-    ref = _logits_without_noise(net, check_x)
-    scale = max(1.0, float(np.abs(ref).max()))
-
-    def same(candidate):
-        got = _logits_without_noise(candidate, check_x)
-        ok = np.allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
-        return ok, float(np.abs(got - ref).max())
-
-    out = net
-    if binary_relax.br_quantizers(net):
+    steps = [("exact_float_copy", "exact float copy", _exact_float_step),
+             ("folded_batchnorm", "BatchNorm fold", fold.fold_batchnorm)]
+    if not binary_relax.br_quantizers(net):
+        steps = steps[1:]
+    fallback, ref, out = [], None, net
+    for key, label, step in steps:
         try:
-            if not binary_relax.br_state(net)[1]:
-                raise ValueError("the Binary-Relax model is not in exact mode "
-                                 "(binary_relax.set_exact)")
-            copy = binary_relax.exact_float_model(net)
-            ok, diff = same(copy)
-            if ok:
-                out, done["exact_float_copy"] = copy, True
-            else:
-                fallback.append(f"exact float copy: logits differ by {diff:.3g}")
-        except Exception as e:  # pylint: disable=broad-except  # a layer the copy cannot clone
-            fallback.append(f"exact float copy: {e!r}")
-    try:
-        folded, pairs = fold.fold_batchnorm(out)
-        if pairs:
-            ok, diff = same(folded)
-            if ok:
-                out, done["folded_batchnorm"] = folded, pairs
-            else:
-                fallback.append(f"BatchNorm fold: logits differ by {diff:.3g}")
-    except Exception as e:  # pylint: disable=broad-except  # e.g. a layer called twice
-        fallback.append(f"BatchNorm fold: {e!r}")
+            candidate, value = step(out)
+        except Exception as e:  # pylint: disable=broad-except  # a layer the copy cannot rebuild
+            fallback.append(f"{label}: {e!r}")
+            continue
+        if candidate is out:  # nothing to do (no foldable pair)
+            continue
+        if ref is None:
+            ref = _logits_without_noise(net, check_x)
+        got = _logits_without_noise(candidate, check_x)
+        if _same_logits(ref, got):
+            out, done[key] = candidate, value
+        else:
+            fallback.append(f"{label}: logits differ by {float(np.abs(got - ref).max()):.3g}")
     if out is not net:
         done["checked_examples"] = int(len(check_x))
     if fallback:
         done["fallback"] = "; ".join(fallback)
     return out, done
+
+
+def _exact_float_step(net):
+    if not binary_relax.br_state(net)[1]:
+        raise ValueError("the Binary-Relax model is not in exact mode (binary_relax.set_exact)")
+    return binary_relax.exact_float_model(net), True
 
 
 class StochasticModel:
