@@ -9,6 +9,8 @@ import pytest
 
 from brkeras import data
 from brkeras.data import fashion_mnist_offline as fmnist
+from brkeras.run import config as config_lib
+from brkeras.run import train as train_lib
 from brkeras._keras import tf
 
 import tensorflow_datasets as tfds  # noqa: E402  (after brkeras._keras)
@@ -243,6 +245,19 @@ def test_npz_shuffle_seeded_and_reshuffled(tmp_path):
     ds = data.load(path, "train", batch_size=16, repeat=True, drop_remainder=True)
     ys = [y.numpy() for _, y in ds.take(8)]  # two epochs
     np.testing.assert_array_equal(np.sort(np.concatenate(ys[:4])), np.sort(ref["y_train"]))
+
+
+def test_pipeline_runs_without_the_autotuner(tmp_path):
+    # The autotuner's thread stalled the end of every training epoch (pipeline.py);
+    # the training pipeline's own options must not switch it back on.
+    path = str(_write_npz(tmp_path / "d.npz"))
+    for split in ("train", "test"):
+        ds = data.load(path, split, batch_size=4)
+        assert ds.options().autotune.enabled is False
+    config = config_lib.base_config()
+    config.data.name = path
+    config.optim.batch_size = 4
+    assert train_lib.train_dataset(config).options().autotune.enabled is False
 
 
 @pytest.mark.parametrize("override, match", [

@@ -31,6 +31,20 @@ def augment_batch(x, seed, pad=4):
     return tf.where(flip[:, None, None, None], tf.reverse(xc, axis=[2]), xc)
 
 
+# A batch is one gather (plus an augmentation): two in flight keep any training
+# step fed, so tf.data's autotuner has nothing to tune. It is off because its
+# model thread made each iterator's destructor wait: the end of every `fit` epoch
+# stalled for up to 20 s (py-spy: ~IteratorResource -> RootDataset::Iterator
+# waiting on its thread; 2026-12-07, about 120 s of a 1545 s `make run`).
+_PARALLEL_BATCHES = 2
+
+
+def _options():
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 def load(name, split, *, batch_size, augment=None, shuffle=None, max_examples=0,
          data_dir="", seed=0, repeat=False, drop_remainder=False):
     """A tf.data pipeline of batches (x float32 [0, 1] NHWC, y int32).
@@ -75,5 +89,5 @@ def load(name, split, *, batch_size, augment=None, shuffle=None, max_examples=0,
         def fetch(idx):
             return to_float(tf.gather(x_t, idx)), tf.gather(y_t, idx)
 
-    ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(fetch, num_parallel_calls=_PARALLEL_BATCHES, deterministic=True)
+    return ds.prefetch(_PARALLEL_BATCHES).with_options(_options())
