@@ -21,8 +21,8 @@ dense ternary model with the same schedule (pipeline.finetune.sources).
 Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
 b915209, 2026-12-07 10:44 UTC: 38.0 min in all, pipeline 2159 s, on an AMD EPYC
 with AVX2 only and TensorFlow's oneDNN kernels on, at a slow hour: the same
-code's run at 10:14 UTC took 1481 s, and 084a4ca's five-model job 1854 s right
-after it: the job grew 1.165x; README.md's table;
+code's run at 10:14 UTC took 1481 s; 084a4ca's five-model job, run right after
+the 10:44 one, took 1854 s: 2159 / 1854 = 1.165x; README.md's table;
 1000 test images, expected prediction over 4 noise draws; EOT-PGD-20 / worst
 case over every attack incl. APGD-CE/DLR with EOT):
   float from scratch:                               84.1% natural, 71.6% / 70.2%
