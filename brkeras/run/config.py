@@ -103,6 +103,9 @@ def base_config():
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 1000
+    # The test images evaluated are [first_example, first_example + max_examples): choose
+    # settings on one range and report another (README, the held-out check).
+    c.eval.first_example = 0
     c.eval.batch_size = 200
     c.eval.eot_samples = 8  # noise draws for EOT gradients and expected predictions
     c.eval.eps_sweep = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)

@@ -1,8 +1,9 @@
 """`brkeras evaluate --workdir=DIR`: robust evaluation of a trained run; eval.json, report.md, plots.
 
 Reads the run's config and checkpoint, calls `robust.evaluation.evaluate_model`
-with the config's eval section, and writes its result (plus the work dir and
-the training state) as eval.json, with report.md and plots/*.png beside it, and
+with the config's eval section on test images [eval.first_example,
+eval.first_example + eval.max_examples), and writes its result (plus the work
+dir, first_example and the training state) as eval.json, with report.md and plots/*.png beside it, and
 the worst-case adversarial examples as adversarial.npz (x, y, x_adv, robust,
 source, members, eps; plain arrays, read with np.load, no pickle).
 
@@ -38,6 +39,9 @@ def check_eval_config(ev):
                                int(ev.get("predict_batch_size", ev.batch_size)), ev.to_dict())
     if int(ev.max_examples) < 0:
         raise ValueError(f"config.eval.max_examples={ev.max_examples}; give >= 1 (0 = all)")
+    if int(ev.get("first_example", 0)) < 0:
+        raise ValueError(f"config.eval.first_example={ev.first_example}; give the index of the "
+                         "first test image to evaluate, >= 0")
 
 
 def write_npz(path, **arrays):
@@ -68,10 +72,15 @@ def _append_worst_case(workdir, result):
 
 
 def test_images(config):
-    """(x float32 in [0, 1], y) of the config's test split, config.eval.max_examples of them."""
-    x_u8, y = data.load_arrays(config.data.name, "test", config.eval.max_examples,
+    """(x float32 in [0, 1], y) of the config's test split: config.eval.max_examples of
+    them (0 = all) from index config.eval.first_example on."""
+    first, count = int(config.eval.get("first_example", 0)), int(config.eval.max_examples)
+    x_u8, y = data.load_arrays(config.data.name, "test", first + count if count else 0,
                                config.data.data_dir)
-    return x_u8.astype(np.float32) / 255.0, y
+    if first >= len(y):
+        raise ValueError(f"config.eval.first_example={first}, but the test split of "
+                         f"{config.data.name} has {len(y)} images; give a smaller index")
+    return x_u8[first:].astype(np.float32) / 255.0, y[first:]
 
 
 def evaluate_arrays(net, x, y, config, verbose=1):
@@ -97,14 +106,15 @@ def evaluate(workdir, overrides=None, verbose=1):
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     check_eval_config(config.eval)  # before loading anything
     state = workdir_lib.read_state(workdir)
+    x, y = test_images(config)  # a bad index fails before the model loads
     net = train_lib.load(workdir)
-    x, y = test_images(config)
     if not state["finished"] and verbose:
         print(f"[evaluate] WARNING {workdir} holds an unfinished training "
               f"({state['completed_epochs']} epochs done); evaluating its last checkpoint",
               flush=True)
     result, adv = evaluate_arrays(net, x, y, config, verbose)
     result["workdir"] = os.path.abspath(workdir)
+    result["first_example"] = int(config.eval.get("first_example", 0))  # test images used
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
     result["onednn"] = precision.onednn_enabled()  # the attacks' kernels (README, oneDNN)
@@ -188,6 +198,7 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         seed=int(config.seed), shards=int(ev.get("square_shards", 1)), workers=workers,
         verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
+    result["first_example"] = int(config.eval.get("first_example", 0))  # test images used
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
     workdir_lib.write_json(path, result)
