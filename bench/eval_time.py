@@ -50,7 +50,7 @@ def main(argv):
     config = workdir_lib.load_config(WORKDIR.value)
     evaluate_lib.check_eval_config(config.eval)
     net = train_lib.load(WORKDIR.value)
-    x, y = evaluate_lib.test_images(config)
+    x, y = evaluate_lib.eval_images(config)
     h = host_info()
     print(f"# {WORKDIR.value}: {len(x)} examples; {h['cpu']}, {h['cpu_count']} cores, "
           f"oneDNN {precision.onednn_enabled()}, load {os.getloadavg()[0]:.2f}", flush=True)

@@ -194,9 +194,9 @@ def test_deterministic_single_equals_expected_and_no_eot(deterministic):
     _, over, r = deterministic
     assert r["noise"] == {"sigma": 0.0, "draws": 1, "stochastic": False}
     assert r["n_examples"] == over.eval.max_examples == 32
-    assert r["first_example"] == 16
+    assert r["images"] == {"split": "test", "first": 16}
     adv = np.load(os.path.join(r["workdir"], "adversarial.npz"))
-    np.testing.assert_array_equal(adv["y"], run_evaluate.test_images(over)[1])
+    np.testing.assert_array_equal(adv["y"], run_evaluate.eval_images(over)[1])
     assert r["natural_acc"]["single"] == r["natural_acc"]["expected"]
     assert list(r["attacks"]) == ["fgsm", "pgd20"]
     for entry in r["attacks"].values():
@@ -310,6 +310,7 @@ def test_unknown_attack_is_a_clear_error(ternary):
     ("eps_sweep", (), "ascending"),
     ("eot_samples", 0, "eot_samples"),
     ("first_example", -1, "first_example"),
+    ("split", "validation", "eval.split"),
 ])
 def test_bad_eval_config_is_a_clear_error(ternary, field, value, match):
     wd, config, _ = ternary
@@ -319,23 +320,36 @@ def test_bad_eval_config_is_a_clear_error(ternary, field, value, match):
         run_evaluate.evaluate(wd, overrides=over, verbose=0)
 
 
-def test_test_images_from_first_example(tmp_path):
+def test_eval_images_from_first_example_and_split(tmp_path):
     rng = np.random.default_rng(0)
-    x_test = rng.integers(0, 256, size=(10, 4, 4, 1), dtype=np.uint8)
-    y_test = np.arange(10) % 3
+    x_train = rng.integers(0, 256, size=(12, 4, 4, 1), dtype=np.uint8)
+    y_train = np.arange(12) % 3
+    x_test, y_test = x_train[:10] // 2, y_train[:10]
     path = str(tmp_path / "d.npz")
-    np.savez(path, x_train=x_test, y_train=y_test, x_test=x_test, y_test=y_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     config = smoke.get_config()
     config.data.name = path
     config.eval.first_example, config.eval.max_examples = 4, 3
-    x, y = run_evaluate.test_images(config)
+    x, y = run_evaluate.eval_images(config)
     np.testing.assert_allclose(x, x_test[4:7] / 255.0, atol=1e-7)
     np.testing.assert_array_equal(y, y_test[4:7])
     config.eval.max_examples = 0  # all from index 4 on
-    assert len(run_evaluate.test_images(config)[1]) == 6
+    assert len(run_evaluate.eval_images(config)[1]) == 6
     config.eval.first_example = 10
     with pytest.raises(ValueError, match="first_example=10.*has 10 images"):
-        run_evaluate.test_images(config)
+        run_evaluate.eval_images(config)
+    # training images as a validation set: only those the run did not train on
+    config.eval.split, config.data.max_train_examples = "train", 8
+    config.eval.first_example = 8
+    x, y = run_evaluate.eval_images(config)
+    np.testing.assert_allclose(x, x_train[8:] / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(y, y_train[8:])
+    config.eval.first_example = 7
+    with pytest.raises(ValueError, match="trained on the first 8"):
+        run_evaluate.eval_images(config)
+    config.data.max_train_examples, config.eval.first_example = 0, 8
+    with pytest.raises(ValueError, match="trained on all of them"):
+        run_evaluate.eval_images(config)
 
 
 def test_untrained_workdir_says_train_first(tmp_path, ternary):

@@ -103,8 +103,11 @@ def base_config():
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 1000
-    # The test images evaluated are [first_example, first_example + max_examples): choose
-    # settings on one range and report another (README, the held-out check).
+    # The images evaluated are [first_example, first_example + max_examples) of `split`:
+    # "test", or "train" for images that training did not use (first_example >=
+    # data.max_train_examples), a validation set to choose settings on, so that the
+    # test images stay unseen (README, the held-out check).
+    c.eval.split = "test"
     c.eval.first_example = 0
     c.eval.batch_size = 200
     c.eval.eot_samples = 8  # noise draws for EOT gradients and expected predictions

@@ -1,9 +1,10 @@
 """`brkeras evaluate --workdir=DIR`: robust evaluation of a trained run; eval.json, report.md, plots.
 
 Reads the run's config and checkpoint, calls `robust.evaluation.evaluate_model`
-with the config's eval section on test images [eval.first_example,
-eval.first_example + eval.max_examples), and writes its result (plus the work
-dir, first_example and the training state) as eval.json, with report.md and plots/*.png beside it, and
+with the config's eval section on the images [eval.first_example,
+eval.first_example + eval.max_examples) of eval.split ("test", or unused
+"train" images as a validation set), and writes its result (plus the work dir,
+those images and the training state) as eval.json, with report.md and plots/*.png beside it, and
 the worst-case adversarial examples as adversarial.npz (x, y, x_adv, robust,
 source, members, eps; plain arrays, read with np.load, no pickle).
 
@@ -30,6 +31,7 @@ from brkeras.run import workdir as workdir_lib
 from brkeras.train import precision
 
 ATTACKS = tuple(evaluation.ATTACKS)
+EVAL_SPLITS = ("test", "train")
 
 
 def check_eval_config(ev):
@@ -41,7 +43,10 @@ def check_eval_config(ev):
         raise ValueError(f"config.eval.max_examples={ev.max_examples}; give >= 1 (0 = all)")
     if int(ev.get("first_example", 0)) < 0:
         raise ValueError(f"config.eval.first_example={ev.first_example}; give the index of the "
-                         "first test image to evaluate, >= 0")
+                         "first image to evaluate, >= 0")
+    if ev.get("split", "test") not in EVAL_SPLITS:
+        raise ValueError(f"config.eval.split={ev.split!r}; use one of {EVAL_SPLITS} ('train' "
+                         "with first_example >= data.max_train_examples: a validation set)")
 
 
 def write_npz(path, **arrays):
@@ -71,14 +76,26 @@ def _append_worst_case(workdir, result):
                 f"Examples that only one member broke: {only}.\n")
 
 
-def test_images(config):
-    """(x float32 in [0, 1], y) of the config's test split: config.eval.max_examples of
-    them (0 = all) from index config.eval.first_example on."""
-    first, count = int(config.eval.get("first_example", 0)), int(config.eval.max_examples)
-    x_u8, y = data.load_arrays(config.data.name, "test", first + count if count else 0,
+def eval_images(config):
+    """(x float32 in [0, 1], y): config.eval.max_examples images (0 = all) of the split
+    config.eval.split from index config.eval.first_example on. Training images must
+    lie beyond data.max_train_examples, the ones the run trained on."""
+    ev = config.eval
+    split, first, count = ev.get("split", "test"), int(ev.get("first_example", 0)), \
+        int(ev.max_examples)
+    if split == "train":
+        used = int(config.data.max_train_examples)
+        if used == 0 or first < used:
+            trained = "all of them" if used == 0 else f"the first {used}"
+            raise ValueError(
+                f"config.eval.split='train' with first_example={first}, but the run trained on "
+                f"{trained}; set config.eval.first_example >= data.max_train_examples (and "
+                "beyond the images of any run it was fine-tuned from) to validate on unseen "
+                "images")
+    x_u8, y = data.load_arrays(config.data.name, split, first + count if count else 0,
                                config.data.data_dir)
     if first >= len(y):
-        raise ValueError(f"config.eval.first_example={first}, but the test split of "
+        raise ValueError(f"config.eval.first_example={first}, but the {split} split of "
                          f"{config.data.name} has {len(y)} images; give a smaller index")
     return x_u8[first:].astype(np.float32) / 255.0, y[first:]
 
@@ -106,7 +123,7 @@ def evaluate(workdir, overrides=None, verbose=1):
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     check_eval_config(config.eval)  # before loading anything
     state = workdir_lib.read_state(workdir)
-    x, y = test_images(config)  # a bad index fails before the model loads
+    x, y = eval_images(config)  # a bad index fails before the model loads
     net = train_lib.load(workdir)
     if not state["finished"] and verbose:
         print(f"[evaluate] WARNING {workdir} holds an unfinished training "
@@ -114,7 +131,8 @@ def evaluate(workdir, overrides=None, verbose=1):
               flush=True)
     result, adv = evaluate_arrays(net, x, y, config, verbose)
     result["workdir"] = os.path.abspath(workdir)
-    result["first_example"] = int(config.eval.get("first_example", 0))  # test images used
+    result["images"] = {"split": config.eval.get("split", "test"),  # the images evaluated
+                        "first": int(config.eval.get("first_example", 0))}
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
     result["onednn"] = precision.onednn_enabled()  # the attacks' kernels (README, oneDNN)
@@ -198,7 +216,8 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         seed=int(config.seed), shards=int(ev.get("square_shards", 1)), workers=workers,
         verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
-    result["first_example"] = int(config.eval.get("first_example", 0))  # test images used
+    result["images"] = {"split": config.eval.get("split", "test"),  # the images evaluated
+                        "first": int(config.eval.get("first_example", 0))}
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
     workdir_lib.write_json(path, result)
