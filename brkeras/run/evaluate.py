@@ -34,6 +34,11 @@ ATTACKS = tuple(evaluation.ATTACKS)
 EVAL_SPLITS = ("test", "train")
 
 
+def image_range(ev):
+    """(split, first index) of the images config.eval evaluates (defaults of old configs)."""
+    return ev.get("split", "test"), int(ev.get("first_example", 0))
+
+
 def check_eval_config(ev):
     """Raises ValueError naming the config.eval field that cannot be evaluated."""
     evaluation.check_arguments(ev.attacks, ev.eot_attacks, ev.eot_samples, ev.batch_size,
@@ -41,11 +46,12 @@ def check_eval_config(ev):
                                int(ev.get("predict_batch_size", ev.batch_size)), ev.to_dict())
     if int(ev.max_examples) < 0:
         raise ValueError(f"config.eval.max_examples={ev.max_examples}; give >= 1 (0 = all)")
-    if int(ev.get("first_example", 0)) < 0:
-        raise ValueError(f"config.eval.first_example={ev.first_example}; give the index of the "
+    split, first = image_range(ev)
+    if first < 0:
+        raise ValueError(f"config.eval.first_example={first}; give the index of the "
                          "first image to evaluate, >= 0")
-    if ev.get("split", "test") not in EVAL_SPLITS:
-        raise ValueError(f"config.eval.split={ev.split!r}; use one of {EVAL_SPLITS} ('train' "
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"config.eval.split={split!r}; use one of {EVAL_SPLITS} ('train' "
                          "with first_example >= data.max_train_examples: a validation set)")
 
 
@@ -80,9 +86,7 @@ def eval_images(config):
     """(x float32 in [0, 1], y): config.eval.max_examples images (0 = all) of the split
     config.eval.split from index config.eval.first_example on. Training images must
     lie beyond data.max_train_examples, the ones the run trained on."""
-    ev = config.eval
-    split, first, count = ev.get("split", "test"), int(ev.get("first_example", 0)), \
-        int(ev.max_examples)
+    (split, first), count = image_range(config.eval), int(config.eval.max_examples)
     if split == "train":
         used = int(config.data.max_train_examples)
         if used == 0 or first < used:
@@ -131,8 +135,8 @@ def evaluate(workdir, overrides=None, verbose=1):
               flush=True)
     result, adv = evaluate_arrays(net, x, y, config, verbose)
     result["workdir"] = os.path.abspath(workdir)
-    result["images"] = {"split": config.eval.get("split", "test"),  # the images evaluated
-                        "first": int(config.eval.get("first_example", 0))}
+    split, first = image_range(config.eval)
+    result["images"] = {"split": split, "first": first}  # the images evaluated
     result["training"] = {"completed_epochs": int(state["completed_epochs"]),
                           "finished": bool(state["finished"])}
     result["onednn"] = precision.onednn_enabled()  # the attacks' kernels (README, oneDNN)
@@ -216,8 +220,6 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         seed=int(config.seed), shards=int(ev.get("square_shards", 1)), workers=workers,
         verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
-    result["images"] = {"split": config.eval.get("split", "test"),  # the images evaluated
-                        "first": int(config.eval.get("first_example", 0))}
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
     workdir_lib.write_json(path, result)
