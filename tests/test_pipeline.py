@@ -377,3 +377,50 @@ def test_model_row_of_an_empty_dir(tmp_path):
     assert row["model"] == "nothing_here" and row["epochs"] == 0
     assert all(row[k] is None for k in NUMERIC if k != "train_time_s")
     assert "| nothing_here | - | - |" in summary.markdown([row])
+
+
+# ---- worker processes (config.pipeline.workers) -----------------------------------
+
+
+def test_workers_run_the_models_side_by_side_and_contain_a_failure(tmp_path, capfd):
+    """Two workers: the float model runs every stage; the ternary fine-tune diverges
+    (lr 1e30: a NaN loss in its second step) and fails; the sparse model that
+    fine-tunes from it is not run; the summary is written and the error names both."""
+    c = small_config()
+    c.pipeline.workers = 2
+    c.pipeline.models = ("float,tradeoff", "ternary,tradeoff", "ternary,tradeoff,sparse")
+    c.pipeline.finetune.from_model = "float,tradeoff"
+    c.pipeline.finetune.sources = (("ternary,tradeoff,sparse", "ternary,tradeoff"),)
+    c.pipeline.finetune.epochs = 2
+    c.pipeline.finetune.milestones = (1,)
+    c.pipeline.finetune.lr = 1e30
+    c.pipeline.finetune.max_train_examples = 64
+    pdir = str(tmp_path)
+    with pytest.raises(errors.BrkerasError) as e:
+        pipeline.run(c, pdir)
+    out = capfd.readouterr().out
+    text = str(e.value)
+    assert "2 pipeline stage(s) failed" in text
+    assert "ternary,tradeoff train:" in text
+    assert "ternary,tradeoff,sparse train: not run: its source 'ternary,tradeoff' did not " \
+        "train" in text
+    assert "[pipeline] 6 jobs of 3 models in up to 2 worker processes" in out
+    assert "[pipeline 2/3 ternary,tradeoff] train: FAILED" in out
+    # the worker's own lines carry its model
+    assert "[float,tradeoff] [train] new run in" in out
+    for name in MODEL_FILES:
+        assert os.path.exists(os.path.join(pdir, "float_tradeoff", name)), name
+    assert not os.path.exists(os.path.join(pdir, "ternary_tradeoff", "eval.json"))
+    assert not os.path.exists(os.path.join(pdir, "ternary_tradeoff_sparse"))
+    with open(os.path.join(pdir, "summary.json")) as f:
+        rows = json.load(f)["models"]
+    assert [r["natural"] is not None for r in rows] == [True, False, False]
+    assert rows[0]["latency_ms_no_noise"] > 0  # the benchmark ran, after the workers
+
+
+def test_workers_setting_is_checked():
+    c = small_config()
+    for bad in (0, -1):  # (a float or bool is refused by the ConfigDict itself)
+        c.pipeline.workers = bad
+        with pytest.raises(ValueError, match="config.pipeline.workers"):
+            pipeline._check(c)  # pylint: disable=protected-access

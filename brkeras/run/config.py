@@ -197,6 +197,10 @@ def base_config():
     # pipeline (listed before them, float or Binary-Relax) instead of from_model,
     # e.g. ("ternary,tradeoff,sparse", "ternary,tradeoff"): quantize, then prune.
     c.pipeline.finetune.sources = ()
+    # Worker processes running models side by side (run/workers.py; 1 = one model
+    # at a time in the pipeline's own process). Each gets cores / workers threads;
+    # the benchmark stages run afterwards, alone.
+    c.pipeline.workers = 1
     return c
 
 
@@ -239,6 +243,10 @@ def validate(c):
     need(c.eval.get("tflite_workers", 0) >= 0 and c.eval.get("square_shards", 1) >= 1,
          "config.eval.tflite_workers must be >= 0 (0 = one per core) and "
          "config.eval.square_shards >= 1")
+    workers = c.pipeline.get("workers", 1)
+    need(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
+         f"config.pipeline.workers={workers!r}; give a whole number >= 1 (1 = one model at "
+         "a time; 2 runs two side by side, e.g. on 2 CPU cores)")
     need(c.quant.rho >= 1 and c.quant.lam0 >= 0,
          "config.quant.rho must be >= 1 and config.quant.lam0 >= 0")
     need(c.quant.phase2_fraction <= 1, "config.quant.phase2_fraction must be <= 1 (< 0 = off)")

@@ -180,59 +180,146 @@ def run(config, pipeline_dir, overwrite=False, verbose=None):
     overwrite: train every model again from scratch and redo every stage.
     verbose: of the stages that take it (train, evaluate); None = progress bars
     on a terminal, one line per epoch or attack off one (console.progress_verbose).
+    With config.pipeline.workers > 1 the models' stages run in that many worker
+    processes at once (run/workers.py), each training after its source model's
+    training, and the benchmark stages run last, one at a time in this process.
     Raises errors.BrkerasError after writing the summary if any stage failed.
     """
     models = _check(config, pipeline_dir)
     os.makedirs(pipeline_dir, exist_ok=True)
     verbose = console.progress_verbose() if verbose is None else verbose
     t_start = time.time()
-    failures = []
-    for i, (arg, c, name) in enumerate(models, 1):
+    for _, c, name in models:
         workdir = os.path.join(pipeline_dir, name)
         diff = workdir_lib.training_diff(workdir, c)
         if diff and not overwrite:
             raise errors.WorkdirError(
                 f"{workdir} holds a run of a different config:\n  " + "\n  ".join(diff)
                 + "\nUse another pipeline dir, or pass --overwrite to train it again.")
-        for stage in config.pipeline.stages:
-            label = f"[pipeline {i}/{len(models)} {arg}] {stage}"
-            if not overwrite and _stage_done(workdir, stage):
-                print(f"{label}: done already, kept ({workdir})", flush=True)
-                continue
-            print(f"{label} ...", flush=True)
-            t0 = time.time()
-            try:
-                fn = stage_function(stage)
-                more = {"verbose": verbose} if "verbose" in inspect.signature(fn).parameters \
-                    else {}
-                if stage == "train":
-                    fn(c, workdir, overwrite=overwrite, **more)
-                else:
-                    fn(workdir, overrides=c, **more)
-            except Exception as e:  # pylint: disable=broad-except
-                # the other models still run; the failure is raised at the end
-                if console.debug():  # --debug or --verbosity=1
-                    traceback.print_exc()
-                print(f"{label}: FAILED ({type(e).__name__}: {e}); skipping the rest of "
-                      f"{arg}", flush=True)
-                failures.append((arg, stage, e))
-                break
-            print(f"{label}: {time.time() - t0:.0f} s", flush=True)
+    workers = int(config.pipeline.get("workers", 1))
+    if workers > 1:
+        failures = _run_in_workers(config, models, pipeline_dir, overwrite, workers)
+    else:
+        failures = []
+        for i, (arg, c, name) in enumerate(models, 1):
+            failed = _run_stages(f"{i}/{len(models)} {arg}", c, os.path.join(pipeline_dir, name),
+                                 config.pipeline.stages, overwrite, verbose)
+            if failed:
+                failures.append((arg,) + failed)
     if "benchmark" in config.pipeline.stages:
         try:
             _compare(config, pipeline_dir, overwrite)
         except Exception as e:  # pylint: disable=broad-except
             print(f"[pipeline] side-by-side latency: FAILED ({type(e).__name__}: {e})", flush=True)
-            failures.append(("all models", "side-by-side latency", e))
+            failures.append(("all models", "side-by-side latency", _describe(e), e))
     rows = _summarize(config, pipeline_dir)
     print(f"[pipeline] finished in {time.time() - t_start:.0f} s; summary in "
           f"{os.path.join(pipeline_dir, workdir_lib.SUMMARY_MD)}", flush=True)
     if failures:
-        listed = "; ".join(f"{a} {s}: {type(e).__name__}: {e}" for a, s, e in failures)
+        listed = "; ".join(f"{a} {s}: {text}" for a, s, text, _ in failures)
         raise errors.BrkerasError(
             f"{len(failures)} pipeline stage(s) failed: {listed}. Fix the cause and run the "
-            "same command again: finished stages are kept.") from failures[0][2]
+            "same command again: finished stages are kept.") from failures[0][3]
     return rows
+
+
+def _describe(e):
+    return f"{type(e).__name__}: {e}"
+
+
+def _run_stages(label, c, workdir, stages, overwrite, verbose):
+    """Runs `stages` of one model in order, skipping those done already.
+
+    Returns None, or (stage, description, exception) of the stage that failed
+    (the model's later stages are then skipped)."""
+    arg = c.pipeline.models[0]
+    for stage in stages:
+        prefix = f"[pipeline {label}] {stage}"
+        if not overwrite and _stage_done(workdir, stage):
+            print(f"{prefix}: done already, kept ({workdir})", flush=True)
+            continue
+        print(f"{prefix} ...", flush=True)
+        t0 = time.time()
+        try:
+            fn = stage_function(stage)
+            more = {"verbose": verbose} if "verbose" in inspect.signature(fn).parameters \
+                else {}
+            if stage == "train":
+                fn(c, workdir, overwrite=overwrite, **more)
+            else:
+                fn(workdir, overrides=c, **more)
+        except Exception as e:  # pylint: disable=broad-except
+            # the other models still run; the failure is raised at the end
+            if console.debug():  # --debug or --verbosity=1
+                traceback.print_exc()
+            print(f"{prefix}: FAILED ({_describe(e)}); skipping the rest of {arg}", flush=True)
+            return stage, _describe(e), e
+        print(f"{prefix}: {time.time() - t0:.0f} s", flush=True)
+    return None
+
+
+def _worker_job(label, c, workdir, stages, overwrite, threads):
+    """A worker process's job (run/workers.py): `_run_stages` with one line per epoch
+    and attack, and Square's LiteRT workers limited to the process's share of the
+    cores. Returns None or (stage, description): exceptions stay in the worker."""
+    c = copy.deepcopy(c)
+    with c.unlocked():
+        if not int(c.eval.get("tflite_workers", 0)):
+            c.eval.tflite_workers = threads
+    failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2)
+    return failed[:2] if failed else None
+
+
+def _run_in_workers(config, models, pipeline_dir, overwrite, workers):
+    """The stages of every model in `workers` processes; returns the failures.
+
+    Two jobs per model: its training, which waits for its fine-tune source's, and
+    its later stages but the benchmark, which wait for its training. Trainings go
+    first (they unlock the most work). The benchmark stages time files, so they
+    run afterwards in this process, one model at a time, on an idle machine.
+    """
+    workers_lib = importlib.import_module("brkeras.run.workers")
+    stages = tuple(config.pipeline.stages)
+    later = tuple(s for s in stages if s not in ("train", "benchmark"))
+    jobs, n = [], len(models)
+    for i, (arg, c, name) in enumerate(models, 1):
+        label, workdir = f"{i}/{n} {arg}", os.path.join(pipeline_dir, name)
+        source = finetune_source(config, arg)
+        if "train" in stages:
+            needs = ((source, "train"),) if source else ()
+            jobs.append(workers_lib.Job((arg, "train"), needs, 0, _worker_job,
+                                        (label, c, workdir, ("train",), overwrite)))
+        if later:
+            needs = ((arg, "train"),) if "train" in stages else ()
+            jobs.append(workers_lib.Job((arg, "later"), needs, 1, _worker_job,
+                                        (label, c, workdir, later, overwrite)))
+    print(f"[pipeline] {len(jobs)} jobs of {n} models in up to {workers} worker processes",
+          flush=True)
+    outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ")
+    failures, failed_models = [], set()
+    for job in jobs:
+        arg = job.key[0]
+        result = outcome[job.key]
+        if result is None:
+            continue
+        if isinstance(result, workers_lib.Skipped):
+            if result.need[0] == arg:  # its own training failed: reported already
+                continue
+            stage, text = job.key[1], f"not run: its source {result.need[0]!r} did not train"
+            print(f"[pipeline {job.args[0]}] {stage}: {text}", flush=True)
+        else:
+            stage, text = result
+        failed_models.add(arg)
+        failures.append((arg, stage, text, None))
+    if "benchmark" in stages:
+        for i, (arg, c, name) in enumerate(models, 1):
+            if arg in failed_models:
+                continue
+            failed = _run_stages(f"{i}/{n} {arg}", c, os.path.join(pipeline_dir, name),
+                                 ("benchmark",), overwrite, verbose=2)
+            if failed:
+                failures.append((arg,) + failed)
+    return failures
 
 
 def _compare(config, pipeline_dir, overwrite):

@@ -1,0 +1,196 @@
+"""Jobs in worker processes, in dependency order: the pipeline's models side by side.
+
+TensorFlow's CPU kernels do not scale to two cores on the small CPU-scale
+models, so `config.pipeline.workers` runs that many jobs at once, each in its
+own spawned process with its share of the cores as TensorFlow threads (a job
+that starts while no other can run gets them all), but never fewer than
+MIN_THREADS: with one intra-op thread, TensorFlow 2.21's oneDNN 1x1 strided
+convolution (backward weights, 4 input channels) corrupted the heap (glibc
+aborts in the smoke config's training; with two threads, or oneDNN off, it
+ran clean). Measured on the README's 2-core machine (2026-12-07, alternating
+rounds): a training step of the default ternary model took 169-226 ms alone
+with two threads; two processes side by side took 254-312 ms each with one
+thread (1.4-1.6x the throughput) and 279-382 ms each with two (0.98-1.41x).
+
+A job is a top-level function and its arguments (they are pickled to the
+process: keep them to configs, strings and numbers); it returns None on
+success or a short picklable description of its failure. A job runs once every
+job it needs has succeeded; one whose need failed is not run (`Skipped`).
+"""
+
+import dataclasses
+import multiprocessing
+import os
+import queue as queue_lib
+import signal
+import sys
+import time
+import traceback
+
+from brkeras.run import console
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """key: hashable id; needs: keys of the jobs that must succeed first; rank:
+    lower ranks start first among ready jobs (then list order); fn(*args,
+    threads=n) runs in the worker process."""
+    key: tuple
+    needs: tuple
+    rank: int
+    fn: object
+    args: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """The outcome of a job not run because `need` (a job key) did not succeed."""
+    need: tuple
+
+
+MIN_THREADS = 2
+
+
+def usable_cores():
+    """CPU cores this process may run on (its affinity: a container's limit counts)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+class _LinePrefix:
+    """A text stream writing whole lines, each prefixed (a worker's stdout), so the
+    lines of two workers never mix. Lines that already name their job, the
+    pipeline's "[pipeline ..." lines, keep their form."""
+
+    def __init__(self, stream, prefix):
+        self._stream, self._prefix, self._pending = stream, prefix, ""
+
+    def write(self, text):
+        self._pending += text.replace("\r", "\n")
+        *lines, self._pending = self._pending.split("\n")
+        lines = [l for l in lines if l.strip()]
+        if lines:
+            self._stream.write("".join(
+                (l if l.startswith("[pipeline ") else self._prefix + l) + "\n" for l in lines))
+            self._stream.flush()
+        return len(text)
+
+    def flush(self):
+        self._stream.flush()
+
+    def isatty(self):
+        return False
+
+
+def _limit_threads(threads):
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from brkeras._keras import tf  # pylint: disable=g-import-not-at-top
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _worker(results, job, threads, prefix, debug):
+    """The body of a worker process: runs `job`, puts (key, outcome) on `results`."""
+    sys.stdout = _LinePrefix(sys.stdout, prefix)
+    console.set_debug(debug)
+    try:
+        _limit_threads(threads)
+        outcome = job.fn(*job.args, threads=threads)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.exit(130)
+    except BaseException as e:  # pylint: disable=broad-except
+        if debug:
+            traceback.print_exc()
+        outcome = ("worker", f"{type(e).__name__}: {e}")
+    results.put((job.key, outcome))
+    sys.stdout.flush()
+
+
+def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
+    """Runs `jobs` (a list of Job) in up to `workers` processes at once.
+
+    Returns {key: None (succeeded) | the job's failure description | Skipped}.
+    A worker that dies without an outcome (killed, out of memory) fails its job
+    with ("worker", "exited with code N"). Ctrl-C: the workers get SIGINT too
+    (they finish the write they are in, see console.sigint_deferred), are given
+    a minute to exit, and KeyboardInterrupt is raised here.
+    """
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"run_jobs got duplicate job keys: {keys}")
+    unknown = sorted({str(n) for j in jobs for n in j.needs if n not in set(keys)})
+    if unknown:
+        raise ValueError(f"run_jobs: jobs need unknown keys {unknown}")
+    if workers < 1:
+        raise ValueError(f"workers={workers}; give >= 1")
+    cores = cores or usable_cores()
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process TensorFlow may hold
+    results = ctx.Queue()
+    outcome, running = {}, {}  # key -> process
+    order = {k: i for i, k in enumerate(keys)}
+    waiting = sorted(jobs, key=lambda j: (j.rank, order[j.key]))
+    try:
+        while waiting or running:
+            # outcomes of finished needs decide what can start or must be skipped
+            for job in list(waiting):
+                bad = [n for n in job.needs if n in outcome and outcome[n] is not None]
+                if bad:
+                    outcome[job.key] = Skipped(bad[0])
+                    waiting.remove(job)
+            ready = [j for j in waiting if all(n in outcome for n in j.needs)]
+            alone = not running and len(ready) == 1  # the only job that can run now
+            for job in ready[:max(0, workers - len(running))]:
+                threads = max(MIN_THREADS, cores if alone else cores // workers)
+                p = ctx.Process(target=_worker, name=f"brkeras-{job.key}",
+                                args=(results, job, threads, prefix(job.key), console.debug()))
+                p.start()
+                running[job.key] = p
+                waiting.remove(job)
+            if not running:
+                if waiting:  # none can start and none runs: their needs form a cycle
+                    raise ValueError("run_jobs: the needs of jobs "
+                                     f"{[j.key for j in waiting]} form a cycle")
+                continue
+            _collect(results, outcome, running, poll_s)
+            for key, p in list(running.items()):
+                if key not in running or p.is_alive():
+                    continue
+                deadline = time.time() + 5.0  # its outcome may still be in the queue's pipe
+                while key not in outcome and time.time() < deadline:
+                    _collect(results, outcome, running, poll_s)
+                if key not in outcome:
+                    running.pop(key).join()
+                    outcome[key] = ("worker", f"its process exited with code {p.exitcode}")
+    except KeyboardInterrupt:
+        _stop(running.values())
+        raise
+    return outcome
+
+
+def _collect(results, outcome, running, timeout):
+    """Records one outcome from the queue, if one arrives within `timeout`."""
+    try:
+        key, result = results.get(timeout=timeout)
+    except queue_lib.Empty:
+        return
+    outcome[key] = result
+    running.pop(key).join()
+
+
+def _stop(processes, grace_s=60.0):
+    """SIGINT to each live worker (a terminal's Ctrl-C has sent it already), then
+    waits up to grace_s for them to exit before terminating the rest."""
+    for p in processes:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGINT)
+            except OSError:
+                pass
+    deadline = time.time() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.terminate()
+            p.join()

@@ -1,0 +1,104 @@
+"""run/workers.py: jobs in spawned processes, in dependency order, failures contained."""
+
+import os
+import time
+
+import pytest
+
+from brkeras.run import workers
+
+
+# Job functions run in spawned processes: top-level, importable from this module.
+def write_marker(directory, name, after=(), threads=None):
+    """Writes DIR/name holding the thread count; fails if a job it needs left no marker."""
+    missing = [a for a in after if not os.path.exists(os.path.join(directory, a))]
+    if missing:
+        return ("order", f"{name} ran before {missing}")
+    time.sleep(0.2)
+    with open(os.path.join(directory, name), "w") as f:
+        f.write(str(threads))
+    return None
+
+
+def fail(name, threads=None):
+    return ("train", f"{name} failed on purpose")
+
+
+def die(threads=None):
+    os._exit(3)  # pylint: disable=protected-access
+
+
+def raise_error(threads=None):
+    raise RuntimeError("raised in the worker")
+
+
+def job(key, fn, args, needs=(), rank=0):
+    return workers.Job(key=key, needs=tuple(needs), rank=rank, fn=fn, args=tuple(args))
+
+
+def test_jobs_run_after_their_needs_with_their_share_of_threads(tmp_path):
+    d = str(tmp_path)
+    jobs = [job(("a",), write_marker, (d, "a")),
+            job(("b",), write_marker, (d, "b", ("a",)), needs=[("a",)]),
+            job(("c",), write_marker, (d, "c", ("a",)), needs=[("a",)]),
+            job(("d",), write_marker, (d, "d", ("b", "c")), needs=[("b",), ("c",)])]
+    outcome = workers.run_jobs(jobs, workers=2, cores=4)
+    assert outcome == {("a",): None, ("b",): None, ("c",): None, ("d",): None}
+    threads = {n: int(open(os.path.join(d, n)).read()) for n in "abcd"}
+    # a and d ran alone (all 4 cores); b and c side by side (4 / 2 each)
+    assert threads == {"a": 4, "b": 2, "c": 2, "d": 4}
+
+
+def test_failures_skip_what_needs_them_and_the_rest_still_runs(tmp_path):
+    d = str(tmp_path)
+    jobs = [job(("src",), fail, ("src",)),
+            job(("child",), write_marker, (d, "child"), needs=[("src",)]),
+            job(("grandchild",), write_marker, (d, "grandchild"), needs=[("child",)]),
+            job(("dies",), die, ()),
+            job(("raises",), raise_error, ()),
+            job(("free",), write_marker, (d, "free"))]
+    outcome = workers.run_jobs(jobs, workers=2, cores=2)
+    assert outcome[("src",)] == ("train", "src failed on purpose")
+    assert outcome[("child",)] == workers.Skipped(("src",))
+    assert outcome[("grandchild",)] == workers.Skipped(("child",))
+    assert outcome[("dies",)] == ("worker", "its process exited with code 3")
+    assert outcome[("raises",)] == ("worker", "RuntimeError: raised in the worker")
+    assert outcome[("free",)] is None
+    assert sorted(os.listdir(d)) == ["free"]
+    # never fewer than MIN_THREADS, even when the cores do not go round
+    assert open(os.path.join(d, "free")).read() == str(workers.MIN_THREADS)
+
+
+@pytest.mark.parametrize("jobs, match", [
+    ([job(("a",), fail, ("a",)), job(("a",), fail, ("a",))], "duplicate job keys"),
+    ([job(("a",), fail, ("a",), needs=[("b",)])], "unknown keys"),
+    ([job(("a",), fail, ("a",), needs=[("b",)]), job(("b",), fail, ("b",), needs=[("a",)])],
+     "form a cycle"),
+])
+def test_bad_job_lists_fail_before_any_work(jobs, match):
+    with pytest.raises(ValueError, match=match):
+        workers.run_jobs(jobs, workers=2, cores=2)
+
+
+def test_worker_count_must_be_positive():
+    with pytest.raises(ValueError, match="workers=0"):
+        workers.run_jobs([job(("a",), fail, ("a",))], workers=0)
+
+
+def test_worker_output_is_whole_prefixed_lines():
+    class Sink:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, t):
+            self.text += t
+
+        def flush(self):
+            pass
+
+    sink = Sink()
+    out = workers._LinePrefix(sink, "[m] ")  # pylint: disable=protected-access
+    out.write("epoch 1")
+    assert sink.text == ""  # held until the line is complete
+    out.write(" done\n[pipeline 1/2 m] train: 3 s\nbar\r\n")
+    assert sink.text == "[m] epoch 1 done\n[pipeline 1/2 m] train: 3 s\n[m] bar\n"
