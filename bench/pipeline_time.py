@@ -17,6 +17,11 @@ in one go; a resumed pipeline inflates the gap, marked "~"). The train column's
 stage is data loading, tracing, BatchNorm re-estimation and checkpoints.
 --compare prints the same table for a second pipeline dir and the ratios
 (this dir / that one), e.g. an "auto" dtype-policy run against a float32 one.
+With config.pipeline.workers > 1 the stages of different models overlap: their
+sum is more than the pipeline's wall time, which --log's "[pipeline] finished
+in N s" line gives (printed below the table), and the stage timer of run mode
+sees only the benchmark stages (the others run in worker processes: pass
+--log with the pipeline's stdout saved, e.g. through `tee`).
 """
 
 import json
@@ -39,6 +44,7 @@ COMPARE = flags.DEFINE_string("compare", None, "a second pipeline dir to compare
 CONFIG = config_flags.DEFINE_config_file("config", None, "run this pipeline config first")
 
 STAGE_ORDER = tuple(pipeline_lib.STAGES)
+_FINISHED = re.compile(r"\[pipeline\] finished in (?P<s>\d+) s")
 _LINE = re.compile(r"\[pipeline \d+/\d+ (?P<arg>[^\]]+)\] (?P<stage>\w+): (?P<s>\d+(\.\d+)?) s")
 
 
@@ -188,6 +194,11 @@ def main(_):
                   + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     totals, grand = print_table(PIPELINE_DIR.value,
                                 stage_times(PIPELINE_DIR.value, measured, LOG.value))
+    if LOG.value:
+        with open(LOG.value, errors="replace") as f:
+            walls = [float(m.group("s")) for m in _FINISHED.finditer(f.read())]
+        if walls:
+            print(f"pipeline wall time (the log's last run): {walls[-1]:.0f} s")
     if COMPARE.value:
         other, other_grand = print_table(COMPARE.value, stage_times(COMPARE.value))
         print(f"\nratio {PIPELINE_DIR.value} / {COMPARE.value}: "

@@ -154,7 +154,8 @@ def get_config(arg=None):
     c.pipeline.finetune.milestones = (4,)
     c.pipeline.finetune.max_train_examples = 20_000
     c.pipeline.finetune.phase2_fraction = 0.2
-    # Two models side by side (run/workers.py): after the float model, the ternary
-    # and QAT fine-tunes run together, then the sparse ones beside the evaluations.
+    # Two models side by side (run/workers.py): after the float model, its
+    # fine-tunes two at a time in pipeline order (trainings before evaluations),
+    # the sparse ternary ones once the dense ternary model is trained.
     c.pipeline.workers = 2
     return config_lib.apply_arg(c, arg)

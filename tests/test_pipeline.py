@@ -417,6 +417,14 @@ def test_workers_run_the_models_side_by_side_and_contain_a_failure(tmp_path, cap
     assert [r["natural"] is not None for r in rows] == [True, False, False]
     assert rows[0]["latency_ms_no_noise"] > 0  # the benchmark ran, after the workers
 
+    # Again: the float model's finished stages are kept without starting a worker.
+    with pytest.raises(errors.BrkerasError, match="2 pipeline stage"):
+        pipeline.run(c, pdir)
+    out = capfd.readouterr().out
+    for stage in c.pipeline.stages:
+        assert f"[pipeline 1/3 float,tradeoff] {stage}: done already, kept" in out
+    assert "[pipeline] 4 jobs of 3 models" in out  # none for the float model
+
 
 def test_workers_setting_is_checked():
     c = small_config()

@@ -57,7 +57,7 @@ def test_failures_skip_what_needs_them_and_the_rest_still_runs(tmp_path):
             job(("dies",), die, ()),
             job(("raises",), raise_error, ()),
             job(("free",), write_marker, (d, "free"))]
-    outcome = workers.run_jobs(jobs, workers=2, cores=2)
+    outcome = workers.run_jobs(jobs, workers=2, cores=1)
     assert outcome[("src",)] == ("train", "src failed on purpose")
     assert outcome[("child",)] == workers.Skipped(("src",))
     assert outcome[("grandchild",)] == workers.Skipped(("child",))
@@ -65,7 +65,7 @@ def test_failures_skip_what_needs_them_and_the_rest_still_runs(tmp_path):
     assert outcome[("raises",)] == ("worker", "RuntimeError: raised in the worker")
     assert outcome[("free",)] is None
     assert sorted(os.listdir(d)) == ["free"]
-    # never fewer than MIN_THREADS, even when the cores do not go round
+    # never fewer than MIN_THREADS, even when the cores do not go round (1 here)
     assert open(os.path.join(d, "free")).read() == str(workers.MIN_THREADS)
 
 
@@ -102,3 +102,31 @@ def test_worker_output_is_whole_prefixed_lines():
     assert sink.text == ""  # held until the line is complete
     out.write(" done\n[pipeline 1/2 m] train: 3 s\nbar\r\n")
     assert sink.text == "[m] epoch 1 done\n[pipeline 1/2 m] train: 3 s\n[m] bar\n"
+
+
+def sleep_forever(ready_path, ignore_sigint=False):
+    import signal  # pylint: disable=g-import-not-at-top
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with open(ready_path, "w") as f:  # the handler is set
+        f.write("ready")
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("ignore_sigint", [False, True])
+def test_stop_interrupts_the_workers_and_terminates_the_deaf(tmp_path, ignore_sigint):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    ready = str(tmp_path / "ready")
+    p = multiprocessing.get_context("spawn").Process(target=sleep_forever,
+                                                      args=(ready, ignore_sigint))
+    p.start()
+    deadline = time.time() + 120
+    while not os.path.exists(ready) and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(ready), "the worker did not start"
+    workers._stop([p], grace_s=3.0, own_signal_s=0.1)  # pylint: disable=protected-access
+    assert not p.is_alive()
+    if ignore_sigint:  # SIGINT did nothing: terminated (SIGTERM) after the grace period
+        assert p.exitcode == -15
+    else:  # KeyboardInterrupt ended it: the traceback's exit code
+        assert p.exitcode == 1

@@ -198,8 +198,9 @@ def base_config():
     # e.g. ("ternary,tradeoff,sparse", "ternary,tradeoff"): quantize, then prune.
     c.pipeline.finetune.sources = ()
     # Worker processes running models side by side (run/workers.py; 1 = one model
-    # at a time in the pipeline's own process). Each gets cores / workers threads;
-    # the benchmark stages run afterwards, alone.
+    # at a time in the pipeline's own process). Each gets cores / workers threads
+    # (all cores when it is the only job that can run; never fewer than 2); the
+    # benchmark stages run afterwards, alone.
     c.pipeline.workers = 1
     return c
 

@@ -198,7 +198,7 @@ def run(config, pipeline_dir, overwrite=False, verbose=None):
                 + "\nUse another pipeline dir, or pass --overwrite to train it again.")
     workers = int(config.pipeline.get("workers", 1))
     if workers > 1:
-        failures = _run_in_workers(config, models, pipeline_dir, overwrite, workers)
+        failures = _run_in_workers(config, models, pipeline_dir, overwrite, verbose, workers)
     else:
         failures = []
         for i, (arg, c, name) in enumerate(models, 1):
@@ -258,19 +258,30 @@ def _run_stages(label, c, workdir, stages, overwrite, verbose):
     return None
 
 
-def _worker_job(label, c, workdir, stages, overwrite, threads):
+def _worker_job(label, c, workdir, stages, overwrite, verbose, threads):
     """A worker process's job (run/workers.py): `_run_stages` with one line per epoch
-    and attack, and Square's LiteRT workers limited to the process's share of the
-    cores. Returns None or (stage, description): exceptions stay in the worker."""
+    and attack (no progress bars: two workers share the terminal), and as many
+    LiteRT workers for Square as TensorFlow threads (`threads`, the process's
+    share of the cores; config.eval.tflite_workers if set). Returns None or
+    (stage, description): exceptions stay in the worker."""
     c = copy.deepcopy(c)
     with c.unlocked():
         if not int(c.eval.get("tflite_workers", 0)):
             c.eval.tflite_workers = threads
-    failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2)
+    failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2 if verbose else 0)
     return failed[:2] if failed else None
 
 
-def _run_in_workers(config, models, pipeline_dir, overwrite, workers):
+def _kept(label, workdir, stages, overwrite):
+    """True, saying so, when every one of `stages` is done already (no worker needed)."""
+    if overwrite or not all(_stage_done(workdir, s) for s in stages):
+        return False
+    for stage in stages:
+        print(f"[pipeline {label}] {stage}: done already, kept ({workdir})", flush=True)
+    return True
+
+
+def _run_in_workers(config, models, pipeline_dir, overwrite, verbose, workers):
     """The stages of every model in `workers` processes; returns the failures.
 
     Two jobs per model: its training, which waits for its fine-tune source's, and
@@ -281,32 +292,37 @@ def _run_in_workers(config, models, pipeline_dir, overwrite, workers):
     workers_lib = importlib.import_module("brkeras.run.workers")
     stages = tuple(config.pipeline.stages)
     later = tuple(s for s in stages if s not in ("train", "benchmark"))
-    jobs, n = [], len(models)
+    specs, n = [], len(models)  # (key, needs, rank, args) of the jobs with work to do
     for i, (arg, c, name) in enumerate(models, 1):
         label, workdir = f"{i}/{n} {arg}", os.path.join(pipeline_dir, name)
         source = finetune_source(config, arg)
-        if "train" in stages:
-            needs = ((source, "train"),) if source else ()
-            jobs.append(workers_lib.Job((arg, "train"), needs, 0, _worker_job,
-                                        (label, c, workdir, ("train",), overwrite)))
-        if later:
-            needs = ((arg, "train"),) if "train" in stages else ()
-            jobs.append(workers_lib.Job((arg, "later"), needs, 1, _worker_job,
-                                        (label, c, workdir, later, overwrite)))
+        if "train" in stages and not _kept(label, workdir, ("train",), overwrite):
+            specs.append(((arg, "train"), ((source, "train"),) if source else (), 0,
+                          (label, c, workdir, ("train",), overwrite, verbose)))
+        if later and not _kept(label, workdir, later, overwrite):
+            specs.append(((arg, "later"), ((arg, "train"),), 1,
+                          (label, c, workdir, later, overwrite, verbose)))
+    pending = {s[0] for s in specs}  # a need that is done already is no need
+    jobs = [workers_lib.Job(key, tuple(k for k in needs if k in pending), rank, _worker_job,
+                            args) for key, needs, rank, args in specs]
     print(f"[pipeline] {len(jobs)} jobs of {n} models in up to {workers} worker processes",
           flush=True)
     outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ")
     failures, failed_models = [], set()
     for job in jobs:
-        arg = job.key[0]
-        result = outcome[job.key]
+        arg, result = job.key[0], outcome[job.key]
         if result is None:
             continue
+        stage = "train" if job.key[1] == "train" else "/".join(later)
         if isinstance(result, workers_lib.Skipped):
             if result.need[0] == arg:  # its own training failed: reported already
                 continue
-            stage, text = job.key[1], f"not run: its source {result.need[0]!r} did not train"
+            text = f"not run: its source {result.need[0]!r} did not train"
             print(f"[pipeline {job.args[0]}] {stage}: {text}", flush=True)
+        elif result[0] == "worker":  # the process died (or broke) outside any stage
+            text = result[1]
+            print(f"[pipeline {job.args[0]}] {stage}: FAILED (worker process: {text}); "
+                  f"skipping the rest of {arg}", flush=True)
         else:
             stage, text = result
         failed_models.add(arg)
@@ -316,7 +332,7 @@ def _run_in_workers(config, models, pipeline_dir, overwrite, workers):
             if arg in failed_models:
                 continue
             failed = _run_stages(f"{i}/{n} {arg}", c, os.path.join(pipeline_dir, name),
-                                 ("benchmark",), overwrite, verbose=2)
+                                 ("benchmark",), overwrite, verbose)
             if failed:
                 failures.append((arg,) + failed)
     return failures

@@ -79,6 +79,11 @@ class _LinePrefix:
     def flush(self):
         self._stream.flush()
 
+    def finish(self):
+        """Writes a last line that has no newline."""
+        if self._pending.strip():
+            self.write("\n")
+
     def isatty(self):
         return False
 
@@ -91,21 +96,22 @@ def _limit_threads(threads):
 
 
 def _worker(results, job, threads, prefix, debug):
-    """The body of a worker process: runs `job`, puts (key, outcome) on `results`."""
-    sys.stdout = _LinePrefix(sys.stdout, prefix)
+    """The body of a worker process: runs `job`, puts (key, outcome) on `results`.
+    (Only stdout is prefixed: TensorFlow's and absl's logs on stderr are not.)"""
+    out = sys.stdout = _LinePrefix(sys.stdout, prefix)
     console.set_debug(debug)
     try:
         _limit_threads(threads)
         outcome = job.fn(*job.args, threads=threads)
     except KeyboardInterrupt:
-        sys.stdout.flush()
+        out.finish()
         sys.exit(130)
     except BaseException as e:  # pylint: disable=broad-except
         if debug:
             traceback.print_exc()
         outcome = ("worker", f"{type(e).__name__}: {e}")
+    out.finish()
     results.put((job.key, outcome))
-    sys.stdout.flush()
 
 
 def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
@@ -113,9 +119,10 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
 
     Returns {key: None (succeeded) | the job's failure description | Skipped}.
     A worker that dies without an outcome (killed, out of memory) fails its job
-    with ("worker", "exited with code N"). Ctrl-C: the workers get SIGINT too
-    (they finish the write they are in, see console.sigint_deferred), are given
-    a minute to exit, and KeyboardInterrupt is raised here.
+    with ("worker", "its process exited with code N"). Ctrl-C: the workers get
+    SIGINT too (they finish the write they are in, see console.sigint_deferred)
+    and a minute to exit (`_stop`), then KeyboardInterrupt is raised here; any
+    other exception raised here stops the workers the same way.
     """
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
@@ -157,31 +164,48 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
             for key, p in list(running.items()):
                 if key not in running or p.is_alive():
                     continue
-                deadline = time.time() + 5.0  # its outcome may still be in the queue's pipe
-                while key not in outcome and time.time() < deadline:
-                    _collect(results, outcome, running, poll_s)
+                # It has exited, so an outcome it put is in the queue's pipe by now.
+                while key not in outcome and _collect(results, outcome, running, poll_s):
+                    pass
                 if key not in outcome:
-                    running.pop(key).join()
+                    _join(running.pop(key))
                     outcome[key] = ("worker", f"its process exited with code {p.exitcode}")
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or a failure here: no worker may outlive the pipeline
         _stop(running.values())
         raise
     return outcome
 
 
 def _collect(results, outcome, running, timeout):
-    """Records one outcome from the queue, if one arrives within `timeout`."""
+    """Records one outcome from the queue; False if none arrived within `timeout`.
+    An outcome for a job already decided (given up as lost) is dropped."""
     try:
         key, result = results.get(timeout=timeout)
     except queue_lib.Empty:
-        return
-    outcome[key] = result
-    running.pop(key).join()
+        return False
+    if key not in outcome:
+        outcome[key] = result
+    if key in running:
+        _join(running.pop(key))
+    return True
 
 
-def _stop(processes, grace_s=60.0):
-    """SIGINT to each live worker (a terminal's Ctrl-C has sent it already), then
-    waits up to grace_s for them to exit before terminating the rest."""
+def _join(p, timeout_s=60.0):
+    """Joins a worker that has put its outcome; terminates one hung at exit."""
+    p.join(timeout_s)
+    if p.is_alive():
+        p.terminate()
+        p.join()
+
+
+def _stop(processes, grace_s=60.0, own_signal_s=3.0):
+    """Stops the workers after a Ctrl-C: a terminal sends SIGINT to them too, so
+    each gets own_signal_s to exit on its own (one SIGINT, not two, reaches it
+    mid-write); the rest are sent SIGINT, then terminated after grace_s."""
+    processes = list(processes)
+    deadline = time.time() + own_signal_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.time()))
     for p in processes:
         if p.is_alive():
             try:
