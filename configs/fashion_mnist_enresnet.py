@@ -19,21 +19,23 @@ Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
 Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
-b915209, 2026-12-07 10:44 UTC: 38.0 min in all, pipeline 2159 s, on an AMD EPYC
-with AVX2 only and TensorFlow's oneDNN kernels on, at a slow hour: the same
-code's run at 10:14 UTC took 1481 s; 084a4ca's five-model job, run right after
-the 10:44 one, took 1854 s: 2159 / 1854 = 1.165x; README.md's table;
-1000 test images, expected prediction over 4 noise draws; EOT-PGD-20 / worst
-case over every attack incl. APGD-CE/DLR with EOT):
-  float from scratch:                               84.1% natural, 71.6% / 70.2%
-  ternary fine-tuned from it:                       83.4% natural, 70.0% / 69.1%
-  ternary + group sparsity (46% channels), from it: 83.7% natural, 69.4% / 67.9%,
+bf2079b, 2026-12-07 14:17 UTC: 32.3 min in all, pipeline 1830 s, two models at a
+time (pipeline.workers), on an AMD EPYC with AVX2 only and TensorFlow's oneDNN
+kernels on; the same six models one at a time took 2159 s at 10:44 UTC, and
+084a4ca's five-model job took 1854 s right after that run and 2501 s right
+after this one, on a machine that had slowed down (README.md, "Channel
+sparsity"); README.md's table; 1000 test images, expected prediction over 4
+noise draws; EOT-PGD-20 / worst case over every attack incl. APGD-CE/DLR with
+EOT):
+  float from scratch:                               83.5% natural, 71.4% / 70.2%
+  ternary fine-tuned from it:                       83.8% natural, 70.0% / 68.8%
+  ternary + group sparsity (46% channels), from it: 83.6% natural, 69.2% / 67.8%,
                                                     0.64x MACs, zipped file 0.342x
-  the same with the plain PGD loss:                 80.7% natural, 67.8% / 66.4%
-  4-bit + group sparsity (46% channels):            84.1% natural, 73.2% / 71.0%
-  tfmot 8-bit QAT from the float model:             85.3% natural, 74.5% / 73.2%
+  the same with the plain PGD loss:                 80.7% natural, 68.3% / 66.4%
+  4-bit + group sparsity (46% channels):            83.8% natural, 72.9% / 71.1%
+  tfmot 8-bit QAT from the float model:             85.8% natural, 74.8% / 73.0%
 On the other 9000 test images (1000-9999, never used for a choice; PGD-20
-plain and EOT) the float model had 83.3% / 71.5% natural / EOT-PGD-20 and the
+plain and EOT) the 10:44 run's float model had 83.3% / 71.5% natural / EOT-PGD-20 and the
 sparse ternary one 81.8% / 68.1%: the 1000 images above, on which its strength
 was chosen, flatter it (README.md, "Channel sparsity").
 At strength 4 (3e0a984, 07:33 UTC the same day, 27.0 min; the float, ternary

@@ -4,13 +4,17 @@ TensorFlow's CPU kernels do not scale to two cores on the small CPU-scale
 models, so `config.pipeline.workers` runs that many jobs at once, each in its
 own spawned process with its share of the cores as TensorFlow threads (a job
 that starts while no other can run gets them all), but never fewer than
-MIN_THREADS: with one intra-op thread, TensorFlow 2.21's oneDNN 1x1 strided
-convolution (backward weights, 4 input channels) corrupted the heap (glibc
-aborts in the smoke config's training; with two threads, or oneDNN off, it
-ran clean). Measured on the README's 2-core machine (2026-12-07, alternating
-rounds): a training step of the default ternary model took 169-226 ms alone
-with two threads; two processes side by side took 254-312 ms each with one
-thread (1.4-1.6x the throughput) and 279-382 ms each with two (0.98-1.41x).
+MIN_THREADS: with one intra-op thread, TensorFlow 2.21 with oneDNN corrupted
+the heap in the smoke config's training (glibc aborts, six tries of six; the
+last oneDNN primitive before the crash was the backward-weights pass of a 1x1
+stride-2 convolution with 4 input channels, which alone ran clean); with two
+threads, or oneDNN off, it ran clean. Measured on the README's 2-core machine
+(2026-12-07, alternating rounds): a training step of the default ternary
+model took 169-226 ms alone with two threads; two processes side by side took
+254-312 ms each with one thread (1.4-1.6x the throughput) and 279-382 ms each
+with two (0.98-1.41x); the default pipeline took about 0.85x the wall time of
+one model at a time (two runs two hours apart: README.md, "Two models at a
+time").
 
 A job is a top-level function and its arguments (they are pickled to the
 process: keep them to configs, strings and numbers); it returns None on
