@@ -57,7 +57,7 @@ def test_failures_skip_what_needs_them_and_the_rest_still_runs(tmp_path):
             job(("dies",), die, ()),
             job(("raises",), raise_error, ()),
             job(("free",), write_marker, (d, "free"))]
-    outcome = workers.run_jobs(jobs, workers=2, cores=1)
+    outcome = workers.run_jobs(jobs, workers=2, cores=1, min_threads=2)
     assert outcome[("src",)] == ("train", "src failed on purpose")
     assert outcome[("child",)] == workers.Skipped(("src",))
     assert outcome[("grandchild",)] == workers.Skipped(("child",))
@@ -65,8 +65,16 @@ def test_failures_skip_what_needs_them_and_the_rest_still_runs(tmp_path):
     assert outcome[("raises",)] == ("worker", "RuntimeError: raised in the worker")
     assert outcome[("free",)] is None
     assert sorted(os.listdir(d)) == ["free"]
-    # never fewer than MIN_THREADS, even when the cores do not go round (1 here)
-    assert open(os.path.join(d, "free")).read() == str(workers.MIN_THREADS)
+    # never fewer than min_threads, even when the cores do not go round (1 here)
+    assert open(os.path.join(d, "free")).read() == "2"
+
+
+def test_narrow_models_keep_two_threads():
+    # oneDNN's AVX2 1x1 stride-2 backward-weights pass corrupts the heap with one
+    # thread below 8 input channels (workers.thread_floor)
+    assert [workers.thread_floor(c) for c in (1, 4, 7, 8, 16)] == [2, 2, 2, 1, 1]
+    with pytest.raises(ValueError, match="min_threads=0"):
+        workers.run_jobs([job(("a",), fail, ("a",))], workers=1, min_threads=0)
 
 
 @pytest.mark.parametrize("jobs, match", [

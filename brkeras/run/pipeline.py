@@ -307,7 +307,9 @@ def _run_in_workers(config, models, pipeline_dir, overwrite, verbose, workers):
                             args) for key, needs, rank, args in specs]
     print(f"[pipeline] {len(jobs)} jobs of {n} models in up to {workers} worker processes",
           flush=True)
-    outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ")
+    floor = workers_lib.thread_floor(min(c.model.width for _, c, _ in models))
+    outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ",
+                                   min_threads=floor)
     failures, failed_models = [], set()
     for job in jobs:
         arg, result = job.key[0], outcome[job.key]

@@ -3,18 +3,14 @@
 TensorFlow's CPU kernels do not scale to two cores on the small CPU-scale
 models, so `config.pipeline.workers` runs that many jobs at once, each in its
 own spawned process with its share of the cores as TensorFlow threads (a job
-that starts while no other can run gets them all), but never fewer than
-MIN_THREADS: with one intra-op thread, TensorFlow 2.21 with oneDNN corrupted
-the heap in the smoke config's training (glibc aborts, six tries of six; the
-last oneDNN primitive before the crash was the backward-weights pass of a 1x1
-stride-2 convolution with 4 input channels, which alone ran clean); with two
-threads, or oneDNN off, it ran clean. Measured on the README's 2-core machine
-(2026-12-07, alternating rounds): a training step of the default ternary
-model took 169-226 ms alone with two threads; two processes side by side took
-254-312 ms each with one thread (1.4-1.6x the throughput) and 279-382 ms each
-with two (0.98-1.41x); the default pipeline took about 0.85x the wall time of
-one model at a time (two runs two hours apart: README.md, "Two models at a
-time").
+that starts while no other can run gets them all), but never fewer than the
+caller's `min_threads` (`thread_floor`). Measured on the README's 2-core
+machines (alternating rounds, a training step of the default ternary model):
+on the AVX-512 EPYC (2026-12-07 16:55 UTC) 75-81 ms alone with two threads,
+118-129 ms each for two processes side by side with one thread (1.26x the
+throughput), 145-151 ms each with two (1.05x); on the AVX2 EPYC (13:40 UTC)
+169-226 ms alone, 254-312 ms each with one thread (1.4-1.6x), 279-382 ms each
+with two (0.98-1.41x).
 
 A job is a top-level function and its arguments (they are pickled to the
 process: keep them to configs, strings and numbers); it returns None on
@@ -52,7 +48,23 @@ class Skipped:
     need: tuple
 
 
-MIN_THREADS = 2
+ONEDNN_SAFE_CHANNELS = 8
+
+
+def thread_floor(narrowest_channels):
+    """The fewest TensorFlow threads a worker may run models with, given the fewest
+    input channels of their convolutions (for an EnResNet: config.model.width).
+
+    With one intra-op thread, TensorFlow 2.21's oneDNN kernels for AVX2 corrupt
+    the heap in the backward-weights pass of a 1x1 stride-2 convolution with
+    fewer than 8 input channels (a shortcut of a width-4 model; glibc aborts
+    "corrupted size vs. prev_size", or a segfault): reproduced on AVX2 CPUs and,
+    with ONEDNN_MAX_CPU_ISA=AVX2, on AVX-512 ones, not with 2, 4 or 6 channels at
+    two threads, nor with 8, 12, 16, 20 or 24 at one, nor by oneDNN's AVX-512
+    kernels (`bench/onednn_thread_floor.py` runs the check). So such models get
+    two threads, all others one.
+    """
+    return 1 if narrowest_channels >= ONEDNN_SAFE_CHANNELS else 2
 
 
 def usable_cores():
@@ -118,10 +130,12 @@ def _worker(results, job, threads, prefix, debug):
     results.put((job.key, outcome))
 
 
-def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
+def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_threads=1):
     """Runs `jobs` (a list of Job) in up to `workers` processes at once.
 
     Returns {key: None (succeeded) | the job's failure description | Skipped}.
+    Each worker gets cores // workers TensorFlow threads (all `cores` when its job
+    is the only one that can start), at least `min_threads` (`thread_floor`).
     A worker that dies without an outcome (killed, out of memory) fails its job
     with ("worker", "its process exited with code N"). Ctrl-C: the workers get
     SIGINT too (they finish the write they are in, see console.sigint_deferred)
@@ -136,6 +150,8 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
         raise ValueError(f"run_jobs: jobs need unknown keys {unknown}")
     if workers < 1:
         raise ValueError(f"workers={workers}; give >= 1")
+    if min_threads < 1:
+        raise ValueError(f"min_threads={min_threads}; give >= 1")
     cores = cores or usable_cores()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process TensorFlow may hold
     results = ctx.Queue()
@@ -153,7 +169,7 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
             ready = [j for j in waiting if all(n in outcome for n in j.needs)]
             alone = not running and len(ready) == 1  # the only job that can run now
             for job in ready[:max(0, workers - len(running))]:
-                threads = max(MIN_THREADS, cores if alone else cores // workers)
+                threads = max(min_threads, cores if alone else cores // workers)
                 p = ctx.Process(target=_worker, name=f"brkeras-{job.key}",
                                 args=(results, job, threads, prefix(job.key), console.debug()))
                 p.start()
