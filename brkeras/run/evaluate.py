@@ -27,6 +27,7 @@ from brkeras.run import config as config_lib
 from brkeras.run import lock
 from brkeras.run import report
 from brkeras.run import train as train_lib
+from brkeras.run import workers as workers_lib
 from brkeras.run import workdir as workdir_lib
 from brkeras.train import precision
 
@@ -167,8 +168,7 @@ def tflite_workers(ev):
     n = int(ev.get("tflite_workers", 0))
     if n < 0:
         raise ValueError(f"config.eval.tflite_workers={n}; give >= 1, or 0 for one per CPU core")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return n or min(8, cores or 1)
+    return n or min(8, workers_lib.usable_cores())
 
 
 def shipped_files(export):

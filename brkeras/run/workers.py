@@ -5,12 +5,11 @@ models, so `config.pipeline.workers` runs that many jobs at once, each in its
 own spawned process with its share of the cores as TensorFlow threads (a job
 that starts while no other can run gets them all), but never fewer than the
 caller's `min_threads` (`thread_floor`). Measured on the README's 2-core
-machines (alternating rounds, a training step of the default ternary model):
-on the AVX-512 EPYC (2026-12-07 16:55 UTC) 75-81 ms alone with two threads,
-118-129 ms each for two processes side by side with one thread (1.26x the
-throughput), 145-151 ms each with two (1.05x); on the AVX2 EPYC (13:40 UTC)
-169-226 ms alone, 254-312 ms each with one thread (1.4-1.6x), 279-382 ms each
-with two (0.98-1.41x).
+machines (`bench/worker_threads.py`, a training step of the default ternary
+model): on the AVX-512 EPYC 81 ms alone with two threads, 131 ms each for two
+processes side by side with one thread (1.24x the throughput), 144-146 ms each
+with two (1.12x); on the AVX2 EPYC 169-226 ms alone, 254-312 ms each with one
+thread (1.4-1.6x), 279-382 ms each with two (0.98-1.41x).
 
 A job is a top-level function and its arguments (they are pickled to the
 process: keep them to configs, strings and numbers); it returns None on
@@ -53,16 +52,20 @@ ONEDNN_SAFE_CHANNELS = 8
 
 def thread_floor(narrowest_channels):
     """The fewest TensorFlow threads a worker may run models with, given the fewest
-    input channels of their convolutions (for an EnResNet: config.model.width).
+    input channels of their strided 1x1 (shortcut) convolutions: for an EnResNet,
+    config.model.width (the first projection shortcut's input).
 
     With one intra-op thread, TensorFlow 2.21's oneDNN kernels for AVX2 corrupt
     the heap in the backward-weights pass of a 1x1 stride-2 convolution with
-    fewer than 8 input channels (a shortcut of a width-4 model; glibc aborts
-    "corrupted size vs. prev_size", or a segfault): reproduced on AVX2 CPUs and,
-    with ONEDNN_MAX_CPU_ISA=AVX2, on AVX-512 ones, not with 2, 4 or 6 channels at
-    two threads, nor with 8, 12, 16, 20 or 24 at one, nor by oneDNN's AVX-512
-    kernels (`bench/onednn_thread_floor.py` runs the check). So such models get
-    two threads, all others one.
+    fewer than 8 input channels (glibc aborts "corrupted size vs. prev_size", or
+    a segfault). It crashed the smoke config's training (width 4) on an AVX2
+    EPYC, and the convolution alone crashes with ONEDNN_MAX_CPU_ISA=AVX2 on an
+    AVX-512 one (2, 4 and 6 channels); 8-24 channels at one thread, 2-6 channels
+    at two threads and oneDNN's AVX-512 kernels ran clean
+    (`bench/onednn_thread_floor.py` runs the check). So a pipeline with a model
+    narrower than 8 channels gives every worker at least two threads. Outside
+    the workers (`workers=1`, `brkeras train`) TensorFlow uses every core, so
+    only a one-core machine runs such a model with one thread.
     """
     return 1 if narrowest_channels >= ONEDNN_SAFE_CHANNELS else 2
 
