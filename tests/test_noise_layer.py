@@ -175,3 +175,23 @@ def test_training_layer_and_noise_bank_draw_the_same_layout(noise_path):
     for noise in (train_n, bank_n):
         rank1, share = _sign_pattern_is_rank_one(noise, n, pool)
         assert rank1 and 0.3 < share < 0.7  # the sign patterns r t^T of fair coins
+
+
+_TRACE_NOISE = """
+from brkeras._keras import tf
+from brkeras.nn import layers
+noise = layers.FeynmanKacNoise(0.1)
+f = tf.function(lambda x: noise(x, training=True))
+print(float(tf.reduce_sum(f(tf.ones((2, 4, 4, 2))))))
+"""
+
+
+def test_tracing_the_noise_gives_no_autograph_warning():
+    # The kernel lookup's file checks (os.path.exists, getmtime) run in Python;
+    # AutoGraph warned at every trace that it could not convert them.
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    r = subprocess.run([sys.executable, "-c", _TRACE_NOISE], capture_output=True, text=True,
+                       check=False, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "AutoGraph could not transform" not in r.stderr

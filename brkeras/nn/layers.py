@@ -156,7 +156,10 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     if sigma == 0:
         return x
     sigma, pool = float(sigma), int(pool)
-    ops = kernels.fk_noise_ops() if x.dtype in (tf.float32, tf.bfloat16) else None
+    # Python-side file checks: not for AutoGraph (it would warn that it cannot
+    # convert os.path.exists at every trace)
+    ops = (tf.autograph.experimental.do_not_convert(kernels.fk_noise_ops)()
+           if x.dtype in (tf.float32, tf.bfloat16) else None)
     if ops is not None:
         return _fused_noise(x, sigma, pool, ops)
 
