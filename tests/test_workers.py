@@ -1,6 +1,8 @@
 """run/workers.py: jobs in spawned processes, in dependency order, failures contained."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -138,3 +140,54 @@ def test_stop_interrupts_the_workers_and_terminates_the_deaf(tmp_path, ignore_si
         assert p.exitcode == -15
     else:  # KeyboardInterrupt ended it: the traceback's exit code
         assert p.exitcode == 1
+
+
+def sleep_writing_pid(path, threads=None):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(120)
+
+
+_PARENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_workers
+from brkeras.run import workers
+workers.run_jobs([workers.Job(("a",), (), 0, test_workers.sleep_writing_pid, (sys.argv[2],))],
+                 workers=1)
+"""
+
+
+def _running(pid):
+    """False once `pid` has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    pid_file = str(tmp_path / "worker.pid")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, os.path.dirname(__file__),
+                               pid_file])
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(pid_file) and time.time() < deadline:
+            assert parent.poll() is None, "the parent exited early"
+            time.sleep(0.2)
+        worker = int(open(pid_file).read())
+        assert _running(worker)
+        parent.kill()  # SIGKILL: no cleanup runs in the parent
+        parent.wait()
+        deadline = time.time() + 30
+        while _running(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _running(worker), "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if os.path.exists(pid_file) and _running(int(open(pid_file).read())):
+            os.kill(int(open(pid_file).read()), 9)

@@ -114,9 +114,31 @@ def _limit_threads(threads):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """Linux: this process gets SIGTERM when the process that started it dies, even
+    by SIGTERM or kill -9, which run no cleanup there, so no worker trains on for
+    a pipeline that is gone (its files are written atomically and its work-dir
+    lock dies with it: the same command resumes). Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # pylint: disable=g-import-not-at-top
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl
+        os._exit(143)  # pylint: disable=protected-access
+
+
 def _worker(results, job, threads, prefix, debug):
     """The body of a worker process: runs `job`, puts (key, outcome) on `results`.
     (Only stdout is prefixed: TensorFlow's and absl's logs on stderr are not.)"""
+    _die_with_parent()
     out = sys.stdout = _LinePrefix(sys.stdout, prefix)
     console.set_debug(debug)
     try:
