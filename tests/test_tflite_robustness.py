@@ -184,6 +184,8 @@ def test_stage_writes_tflite_eval_json(staged):
         assert json.load(f) == json.loads(json.dumps(r))
     assert sorted(r["files"]) == ["det_dynamic_int8.tflite", "noisy_dynamic_int8.tflite"]
     assert r["n_examples"] == 32 and r["eps"] == pytest.approx(0.1)
+    # the images of adversarial.npz, as eval.json names them
+    assert r["images"] == dict(ev["images"], count=32)
     assert r["whitebox"]["worst_case"] == pytest.approx(ev["worst_case"]["expected"])
     for e in r["files"].values():
         assert e["square"]["n_examples"] == 16 and e["square"]["n_queries"] == 20

@@ -220,6 +220,11 @@ def evaluate_tflite(workdir, overrides=None, verbose=1):
         seed=int(config.seed), shards=int(ev.get("square_shards", 1)), workers=workers,
         verbose=verbose)
     result["workdir"] = os.path.abspath(workdir)
+    # adversarial.npz holds the images eval.json names: record which (and how many)
+    ev_path = os.path.join(workdir, workdir_lib.EVAL_JSON)
+    evaluated = workdir_lib.read_json(ev_path) if os.path.exists(ev_path) else {}
+    if "images" in evaluated:
+        result["images"] = dict(evaluated["images"], count=int(k))
     result["time_s"] = round(time.time() - t0, 1)
     path = os.path.join(workdir, workdir_lib.TFLITE_EVAL_JSON)
     workdir_lib.write_json(path, result)
