@@ -418,3 +418,27 @@ def test_fashion_mnist_offline_real(fashion_dir):
     x_cap, _ = data.load_arrays("fashion_mnist", "train", max_examples=300, data_dir=fashion_dir)
     np.testing.assert_array_equal(
         x_cap, data.load_arrays("fashion_mnist", "train", data_dir=fashion_dir)[0][:300])
+
+
+_LOAD_FIVE = """
+import sys
+from brkeras import data
+x, y = data.load_arrays("fashion_mnist", "test", max_examples=5, data_dir=sys.argv[1])
+print(list(y))
+"""
+
+
+@needs_debian
+def test_two_processes_prepare_one_data_dir(tmp_path):
+    # The pipeline's workers may both find the data unprepared: one builds it
+    # (under sources._preparing's lock), the other waits and reads it.
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    d = str(tmp_path / "tfds")
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD_FIVE, d], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]
+    assert tfds.builder("fashion_mnist", data_dir=d).is_prepared()

@@ -25,7 +25,9 @@ an error, not 60 classes).
 """
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import os
 import threading
 import zipfile
@@ -228,11 +230,39 @@ def _npz_arrays(path):
     return _cached(("npz", path, st.st_mtime_ns, st.st_size), make)
 
 
+@contextlib.contextmanager
+def _preparing(builder):
+    """Holds an OS lock (fcntl.flock) on the tfds data dir's root while `builder`'s data
+    set is prepared, so two processes (the pipeline's workers) never build it at
+    once; the second one waits and then finds it prepared. Where the file system
+    has no flock, it runs unlocked."""
+    root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, f".brkeras-prepare-{builder.name}.lock"),
+                 os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _ensure_prepared(name, data_dir):
     """A prepared tfds builder: reuse, offline Fashion-MNIST, or normal download."""
     builder = _builder(name, data_dir)
     if builder.is_prepared():
         return builder
+    with _preparing(builder):
+        builder = _builder(name, data_dir)  # another process may have prepared it meanwhile
+        if builder.is_prepared():
+            return builder
+        return _prepare(builder, name, data_dir)
+
+
+def _prepare(builder, name, data_dir):
     if name == "fashion_mnist" and all(
             os.path.isfile(os.path.join(fmnist.FASHION_MNIST_DEBIAN_DIR, f))
             for f in fmnist.FASHION_MNIST_FILES):
