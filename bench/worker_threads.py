@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from brkeras.run import workers  # noqa: E402  (no TensorFlow import)
+
 ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternating rounds.")
 STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per process.")
 CONFIG = flags.DEFINE_string("config", "configs/fashion_mnist_enresnet.py", "Config file.")
@@ -86,11 +88,12 @@ def main(argv):
     if CHILD_THREADS.value:
         _child()
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = workers.usable_cores()
     print(f"# {CONFIG.value}:{ARG.value}, {cores} cores, {STEPS.value} timed steps per process")
     print("| round | setup | ms per step (each process) | throughput vs alone |\n|---|---|---|---|")
     for r in range(1, ROUNDS.value + 1):
-        print(f"# round {r}: load {open('/proc/loadavg').read().split()[:3]}", flush=True)
+        print(f"# round {r}: load average "
+              + ", ".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
         alone = _ms([_start(cores)])[0]
         print(f"| {r} | one process, {cores} threads | {alone:.1f} | 1.00 |", flush=True)
         for threads in PAIR_THREADS.value:

@@ -19,25 +19,25 @@ Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
 Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
-bf2079b, 2026-12-07 14:17 UTC: 32.3 min in all, pipeline 1830 s, two models at a
-time (pipeline.workers), on an AMD EPYC with AVX2 only and TensorFlow's oneDNN
-kernels on; the same six models one at a time took 2159 s at 10:44 UTC, and
-084a4ca's five-model job took 1854 s right after that run and 2501 s right
-after this one, on a machine that had slowed down (README.md, "Channel
-sparsity"); README.md's table; 1000 test images, expected prediction over 4
-noise draws; EOT-PGD-20 / worst case over every attack incl. APGD-CE/DLR with
-EOT):
-  float from scratch:                               83.5% natural, 71.4% / 70.2%
-  ternary fine-tuned from it:                       83.8% natural, 70.0% / 68.8%
-  ternary + group sparsity (46% channels), from it: 83.6% natural, 69.2% / 67.8%,
-                                                    0.64x MACs, zipped file 0.342x
-  the same with the plain PGD loss:                 80.7% natural, 68.3% / 66.4%
-  4-bit + group sparsity (46% channels):            83.8% natural, 72.9% / 71.1%
-  tfmot 8-bit QAT from the float model:             85.8% natural, 74.8% / 73.0%
-On the other 9000 test images (1000-9999, never used for a choice; PGD-20
-plain and EOT) the 10:44 run's float model had 83.3% / 71.5% natural / EOT-PGD-20 and the
-sparse ternary one 81.8% / 68.1%: the 1000 images above, on which its strength
-was chosen, flatter it (README.md, "Channel sparsity").
+a792b54, 2026-12-07 16:58 UTC: 13.5 min in all, pipeline 749 s, two worker
+processes of one TensorFlow thread each (pipeline.workers), on the AMD EPYC with
+AVX-512 and TensorFlow's oneDNN kernels on; 084a4ca's five-model job took 943 s
+right after it, 0.79x; README.md's table; 1000 test images, expected
+prediction over 4 noise draws; EOT-PGD-20 / worst case over every attack incl.
+APGD-CE/DLR with EOT):
+  float from scratch:                               83.9% natural, 72.1% / 70.9%
+  ternary fine-tuned from it:                       84.2% natural, 70.4% / 68.7%
+  ternary + group sparsity (46% channels), from it: 82.7% natural, 68.1% / 66.9%,
+                                                    0.61x MACs, zipped file 0.348x
+  the same with the plain PGD loss:                 81.7% natural, 67.0% / 65.8%
+  4-bit + group sparsity (46% channels):            83.9% natural, 72.9% / 71.2%
+  tfmot 8-bit QAT from the float model:             85.7% natural, 74.6% / 73.4%
+On 2000 validation images (training images 30000-31999, no model trained on
+them; PGD-20 plain and EOT) the float model had 85.1% / 73.6% natural /
+EOT-PGD-20 and the sparse ternary one 83.9% / 68.4%. The 14:17 UTC run of
+bf2079b (two-thread workers, the AVX2 EPYC, 32.3 min) had the sparse ternary
+model 0.1 natural and 2.2 EOT-PGD-20 points below the float model, where this
+one is 1.2 and 4.0 below: one seed's spread (README.md, "Channel sparsity").
 At strength 4 (3e0a984, 07:33 UTC the same day, 27.0 min; the float, ternary
 and QAT models were the same files) the sparse ternary model had 81.9% /
 67.6% / 66.8% at 0.59x MACs, and the PGD-loss one 81.2% / 67.1% / 65.7%.

@@ -130,6 +130,11 @@ def moments(x):
     return mean, var, tf.cast(tf.size(xf), tf.float32)
 
 
+# The kernel lookup checks files in Python: not for AutoGraph, which warned at
+# every trace that it cannot convert os.path.exists.
+_fused_kernel_ops = tf.autograph.experimental.do_not_convert(kernels.fk_noise_ops)
+
+
 def feynman_kac_noise(x, sigma=0.1, pool=8):
     """y = x + sigma * std(x) * n, std over all axes of x, n ~ N(0, 1) per element.
 
@@ -156,10 +161,7 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     if sigma == 0:
         return x
     sigma, pool = float(sigma), int(pool)
-    # Python-side file checks: not for AutoGraph (it would warn that it cannot
-    # convert os.path.exists at every trace)
-    ops = (tf.autograph.experimental.do_not_convert(kernels.fk_noise_ops)()
-           if x.dtype in (tf.float32, tf.bfloat16) else None)
+    ops = _fused_kernel_ops() if x.dtype in (tf.float32, tf.bfloat16) else None
     if ops is not None:
         return _fused_noise(x, sigma, pool, ops)
 
