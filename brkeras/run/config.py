@@ -100,6 +100,10 @@ def base_config():
     # reference). Undoes the damage of quantized weights flipping levels (batchnorm.py).
     c.optim.bn_reestimate_batches = 0
     c.optim.dtype_policy = "float32"  # or "mixed_bfloat16", "auto" (train/precision.py)
+    # > 0: the trained weights are replaced by their exponential moving average over
+    # the steps, decay ema_decay (train/weight_average.py; needs bn_reestimate_batches,
+    # since the averaged weights need their own BatchNorm statistics). 0 = off.
+    c.optim.ema_decay = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 1000
@@ -227,6 +231,13 @@ def validate(c):
     need(c.optim.batch_size >= 1, "config.optim.batch_size must be >= 1")
     need(c.optim.get("bn_reestimate_batches", 0) >= 0,
          "config.optim.bn_reestimate_batches must be >= 0 (0 = off)")
+    ema = c.optim.get("ema_decay", 0.0)
+    need(isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0.0 <= ema < 1.0,
+         f"config.optim.ema_decay={ema!r}; give a decay in [0, 1) (0 = off; 0.99 averages "
+         "about the last 100 steps)")
+    need(not ema or c.optim.get("bn_reestimate_batches", 0) > 0,
+         f"config.optim.ema_decay={ema} needs config.optim.bn_reestimate_batches > 0 (e.g. "
+         "50): the averaged weights are a network no BatchNorm statistic was gathered for")
     need(c.optim.get("dtype_policy", "float32") in ("float32", "mixed_bfloat16", "auto"),
          f"config.optim.dtype_policy={c.optim.get('dtype_policy')!r}; choose float32, "
          "mixed_bfloat16 or auto (bfloat16 where the CPU or accelerator has it)")

@@ -38,6 +38,7 @@ from brkeras.train import batchnorm
 from brkeras.train.adversarial_model import AdversarialModel
 from brkeras.train import distribute
 from brkeras.train import precision
+from brkeras.train import weight_average
 from brkeras._keras import keras, tf
 
 
@@ -319,8 +320,9 @@ def reestimate_batchnorm(trainer, config, num_batches):
     return {"training_batches": int(num_batches), **report}
 
 
-def _checkpoint(net, optimizer, epoch_var):
-    return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var)
+def _checkpoint(net, optimizer, epoch_var, average=None):
+    extra = {} if average is None else {"weight_average": average}
+    return tf.train.Checkpoint(net=net, optimizer=optimizer, epoch=epoch_var, **extra)
 
 
 def attack_arguments(adv):
@@ -399,7 +401,9 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
         # Keras' default "sum" would add them up. Epoch logs are global either way.
         trainer.distribute_reduction_method = "first"
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
-        ckpt = _checkpoint(net, optimizer, epoch_var)
+        ema = float(config.optim.get("ema_decay", 0.0))
+        average = (weight_average.WeightAverage(net.trainable_variables, ema) if ema else None)
+        ckpt = _checkpoint(net, optimizer, epoch_var, average)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(write_dir, workdir_lib.CKPT),
                                          max_to_keep=2)
     if latest:
@@ -420,6 +424,8 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
         callbacks.insert(0, group_sparsity_for(config, steps))
     if binary_relax.br_quantizers(net):
         callbacks.insert(0, schedule_for(config, steps))
+    if average is not None:  # after the prox: it averages the weights the next step starts from
+        callbacks.insert(len(callbacks) - 1, weight_average.WeightAverageCallback(average))
     for epoch in range(initial_epoch, config.optim.epochs):
         # Everything random in this epoch follows from (config.seed, epoch): the
         # data order, and the random ops of a freshly traced train step (a retrace
@@ -435,6 +441,12 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
                     initial_epoch=epoch,
                     steps_per_epoch=steps if config.optim.steps_per_epoch else None,
                     callbacks=callbacks + tb + [_OneEpoch()], verbose=verbose)
+    if average is not None:
+        # From the last checkpoint alone (and idempotent): a kill before state.json
+        # says finished redoes it on resume.
+        average.apply()
+        if verbose:
+            print(f"[train] weights set to their moving average (decay {ema})", flush=True)
     n_bn = int(config.optim.get("bn_reestimate_batches", 0))
     if n_bn:
         # Computed from the final weights alone: a kill before state.json says
