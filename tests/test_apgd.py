@@ -210,27 +210,10 @@ def test_arguments_are_validated_first():
 
 
 # ---------------------------------------------------------------- a trained tiny model
-def _blobs(rng, n, mu):
-    y = rng.integers(0, 10, n)
-    x = (mu[y] + 0.2 * rng.standard_normal((n, 64))).clip(0, 1)
-    return x.reshape(n, 8, 8, 1).astype(np.float32), y.astype(np.int32)
-
-
 @pytest.fixture(scope="module")
-def blobs_model():
-    """A 64-64-10 ReLU MLP trained ~1 s on 10 Gaussian blobs in [0, 1]^(8x8); 200 test images."""
-    rng = np.random.default_rng(0)
-    mu = rng.uniform(0.3, 0.7, (10, 64))
-    xtr, ytr = _blobs(rng, 2000, mu)
-    xte, yte = _blobs(rng, 200, mu)
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.layers.Flatten(input_shape=(8, 8, 1)),
-                          keras.layers.Dense(64, activation="relu"),
-                          keras.layers.Dense(10)])
-    m.compile(keras.optimizers.Adam(1e-2),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    m.fit(xtr, ytr, epochs=5, batch_size=100, verbose=0)
-    return m, xte, yte
+def blobs_model(blobs_mlp):
+    """conftest's blobs_mlp: (Keras model, 200 test images, labels)."""
+    return blobs_mlp
 
 
 def _acc(m, x, y):

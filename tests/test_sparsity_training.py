@@ -81,22 +81,13 @@ def test_export_ships_pruned_int8_and_int4_files_that_match_keras(sparse_run):
     assert tensors and all(set(np.unique(t["levels"])) <= {-7, 0, 7} for t in tensors)
 
 
-def test_sparse_run_resumes_with_the_same_schedule(tmp_path, monkeypatch, sparse_run):
+def test_sparse_run_resumes_with_the_same_schedule(tmp_path, train_killed_after_first_epoch,
+                                                   sparse_run):
     """The callback keeps no state: a run killed after epoch 1 resumes to the same lam
     and the same share of zero groups as the uninterrupted run."""
     _, rows_full = sparse_run
     wd = str(tmp_path / "killed")
-    original = train_lib.EpochLogger.on_epoch_end
-
-    def killed_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train(sparse_config(), wd, verbose=0)
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", original)
+    train_killed_after_first_epoch(sparse_config(), wd)
     rows = train_lib.train(sparse_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     for r, full in zip(rows, rows_full):

@@ -3,30 +3,14 @@
 import numpy as np
 import pytest
 
-from brkeras._keras import keras, tf
+from brkeras._keras import tf
 from brkeras.robust import square as S
 
 
-def _blobs(rng, n, mu):
-    y = rng.integers(0, 10, n)
-    x = (mu[y] + 0.2 * rng.standard_normal((n, 64))).clip(0, 1)
-    return x.reshape(n, 8, 8, 1).astype(np.float32), y.astype(np.int32)
-
-
 @pytest.fixture(scope="module")
-def blobs():
-    """A 64-64-10 ReLU MLP trained ~1 s on 10 Gaussian blobs in [0, 1]^(8x8), as NumPy -> NumPy."""
-    rng = np.random.default_rng(0)
-    mu = rng.uniform(0.3, 0.7, (10, 64))
-    xtr, ytr = _blobs(rng, 2000, mu)
-    xte, yte = _blobs(rng, 200, mu)
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.layers.Flatten(input_shape=(8, 8, 1)),
-                          keras.layers.Dense(64, activation="relu"),
-                          keras.layers.Dense(10)])
-    m.compile(keras.optimizers.Adam(1e-2),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    m.fit(xtr, ytr, epochs=5, batch_size=100, verbose=0)
+def blobs(blobs_mlp):
+    """conftest's blobs_mlp as NumPy -> NumPy logits."""
+    m, xte, yte = blobs_mlp
     f = tf.function(lambda a: m(a, training=False), reduce_retracing=True)
     return (lambda a: f(tf.constant(a, tf.float32)).numpy()), xte, yte
 

@@ -153,20 +153,11 @@ def test_train_writes_workdir_and_load_gives_exact_ternary(tmp_path):
         train_lib.train(smoke_config(), wd, verbose=0)
 
 
-def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path, monkeypatch):
+def test_resume_after_a_kill_continues_from_the_last_epoch(tmp_path,
+                                                            train_killed_after_first_epoch):
     wd = str(tmp_path / "run")
-    original = train_lib.EpochLogger.on_epoch_end
-
-    def killed_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train(smoke_config(), wd, verbose=0)
+    train_killed_after_first_epoch(smoke_config(), wd)
     assert workdir_lib.read_state(wd) == {"completed_epochs": 1, "finished": False}
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", original)
     rows = train_lib.train(smoke_config(), wd, verbose=0)
     assert [r["epoch"] for r in rows] == [1, 2]
     ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(wd, "ckpt")))

@@ -87,7 +87,7 @@ def _ema_config():
 
 
 def test_an_averaged_sparse_run_keeps_its_channels_removed_and_resumes_exactly(
-        tmp_path, monkeypatch):
+        tmp_path, train_killed_after_first_epoch):
     full = str(tmp_path / "full")
     train_lib.train(_ema_config(), full, verbose=0)
     net = train_lib.load(full)
@@ -95,17 +95,7 @@ def test_an_averaged_sparse_run_keeps_its_channels_removed_and_resumes_exactly(
     assert zero_group_share(net)["share"] == pytest.approx(0.5)
 
     killed = str(tmp_path / "killed")
-    original = train_lib.EpochLogger.on_epoch_end
-
-    def killed_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train(_ema_config(), killed, verbose=0)
-    monkeypatch.setattr(train_lib.EpochLogger, "on_epoch_end", original)
+    train_killed_after_first_epoch(_ema_config(), killed)
     train_lib.train(_ema_config(), killed, verbose=0)
     assert workdir_lib.read_state(killed)["finished"] is True
     resumed = train_lib.load(killed)

@@ -148,15 +148,7 @@ def _schedule_tensors(n):
 
 
 # ---------------------------------------------------------------- validation
-def _static(v):
-    if isinstance(v, (numbers.Number, np.number)):
-        return float(v)
-    if isinstance(v, np.ndarray) and v.ndim == 0:
-        return float(v)
-    if tf.is_tensor(v):
-        s = tf.get_static_value(v)
-        return None if s is None else float(np.asarray(s))
-    raise ValueError(f"expected a number or a scalar tensor, got {type(v).__name__}")
+_static = attacks._static  # pylint: disable=protected-access  (one definition for both)
 
 
 def _check_count(name, v, minimum):
