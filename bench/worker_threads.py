@@ -38,20 +38,15 @@ def _child():
     threads = CHILD_THREADS.value
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from brkeras.robust import losses  # pylint: disable=g-import-not-at-top
     from brkeras.run import config as config_lib  # pylint: disable=g-import-not-at-top
     from brkeras.run import train as train_lib  # pylint: disable=g-import-not-at-top
-    from brkeras.train.adversarial_model import AdversarialModel  # pylint: disable=g-import-not-at-top
     from brkeras.data import sources  # pylint: disable=g-import-not-at-top
     c = config_lib.from_file(CONFIG.value, ARG.value)
     keras.utils.set_random_seed(0)
     data = sources.info(c.data.name)
     shape = tuple(data.image_shape)
     net = train_lib.build_network(c, shape, data.num_classes)
-    trainer = AdversarialModel(net, losses.get(c.loss.name, c.loss.a, c.loss.beta),
-                               weight_decay=c.optim.weight_decay,
-                               **train_lib.attack_arguments(c.adv))
-    trainer.compile(optimizer=train_lib.make_optimizer(c, steps_per_epoch=100))
+    trainer = train_lib.make_trainer(c, net, steps_per_epoch=100)
     rng = np.random.default_rng(0)
     batch = (tf.constant(rng.random((c.optim.batch_size,) + shape, np.float32)),
              tf.constant(rng.integers(0, data.num_classes, c.optim.batch_size)))

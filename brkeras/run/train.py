@@ -106,6 +106,16 @@ def make_optimizer(config, steps_per_epoch):
     return keras.optimizers.SGD(learning_rate=lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
+def make_trainer(config, net, steps_per_epoch):
+    """The AdversarialModel that trains `net` as `config` says (loss, attack, weight
+    decay), compiled with `make_optimizer`. Under a strategy, call it in its scope."""
+    trainer = AdversarialModel(
+        net, losses.get(config.loss.name, config.loss.a, config.loss.beta),
+        weight_decay=config.optim.weight_decay, **attack_arguments(config.adv))
+    trainer.compile(optimizer=make_optimizer(config, steps_per_epoch))
+    return trainer
+
+
 def schedule_for(c, steps_per_epoch=0):
     """The BinaryRelaxSchedule of a full experiment config (config.base_config()),
     with phase II at `config.phase2_epoch(c)` (fraction form included); lam grows
@@ -392,18 +402,14 @@ def _train(config, workdir, write_dir, chief, mode, strategy, verbose):
                 config.optim.get("dtype_policy", "float32"), config.quant.precision,
                 width=config.model.width)):
             net = build_network(config, info.image_shape, info.num_classes, init_weights)
-        optimizer = make_optimizer(config, steps)
-        trainer = AdversarialModel(
-            net, losses.get(config.loss.name, config.loss.a, config.loss.beta),
-            weight_decay=config.optim.weight_decay, **attack_arguments(config.adv))
-        trainer.compile(optimizer=optimizer)
+        trainer = make_trainer(config, net, steps)
         # Step logs (progress bar, NaN check) hold each replica's own metric means;
         # Keras' default "sum" would add them up. Epoch logs are global either way.
         trainer.distribute_reduction_method = "first"
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
         ema = float(config.optim.get("ema_decay", 0.0))
         average = (weight_average.WeightAverage(net.trainable_variables, ema) if ema else None)
-        ckpt = _checkpoint(net, optimizer, epoch_var, average)
+        ckpt = _checkpoint(net, trainer.optimizer, epoch_var, average)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(write_dir, workdir_lib.CKPT),
                                          max_to_keep=2)
     if latest:
