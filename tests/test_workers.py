@@ -34,8 +34,9 @@ def raise_error(threads=None):
     raise RuntimeError("raised in the worker")
 
 
-def job(key, fn, args, needs=(), rank=0):
-    return workers.Job(key=key, needs=tuple(needs), rank=rank, fn=fn, args=tuple(args))
+def job(key, fn, args, needs=(), rank=0, min_threads=1):
+    return workers.Job(key=key, needs=tuple(needs), rank=rank, fn=fn, args=tuple(args),
+                       min_threads=min_threads)
 
 
 def test_jobs_run_after_their_needs_with_their_share_of_threads(tmp_path):
@@ -77,6 +78,18 @@ def test_narrow_models_keep_two_threads():
     assert [workers.thread_floor(c) for c in (1, 4, 7, 8, 16)] == [2, 2, 2, 1, 1]
     with pytest.raises(ValueError, match="min_threads=0"):
         workers.run_jobs([job(("a",), fail, ("a",))], workers=1, min_threads=0)
+    with pytest.raises(ValueError, match="Job.min_threads < 1"):
+        workers.run_jobs([job(("a",), fail, ("a",), min_threads=0)], workers=1)
+
+
+def test_a_narrow_models_floor_holds_for_its_own_jobs_only(tmp_path):
+    d = str(tmp_path)
+    jobs = [job(("narrow",), write_marker, (d, "narrow"), min_threads=2),
+            job(("wide",), write_marker, (d, "wide"))]
+    assert workers.run_jobs(jobs, workers=2, cores=2) == {("narrow",): None, ("wide",): None}
+    # side by side on 2 cores: 1 thread each, but the narrow model's job keeps its 2
+    assert {n: open(os.path.join(d, n)).read() for n in ("narrow", "wide")} == \
+        {"narrow": "2", "wide": "1"}
 
 
 @pytest.mark.parametrize("jobs, match", [

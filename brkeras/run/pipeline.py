@@ -292,24 +292,23 @@ def _run_in_workers(config, models, pipeline_dir, overwrite, verbose, workers):
     workers_lib = importlib.import_module("brkeras.run.workers")
     stages = tuple(config.pipeline.stages)
     later = tuple(s for s in stages if s not in ("train", "benchmark"))
-    specs, n = [], len(models)  # (key, needs, rank, args) of the jobs with work to do
+    specs, n = [], len(models)  # (key, needs, rank, args, floor) of the jobs with work to do
     for i, (arg, c, name) in enumerate(models, 1):
         label, workdir = f"{i}/{n} {arg}", os.path.join(pipeline_dir, name)
         source = finetune_source(config, arg)
+        floor = workers_lib.thread_floor(c.model.width)
         if "train" in stages and not _kept(label, workdir, ("train",), overwrite):
             specs.append(((arg, "train"), ((source, "train"),) if source else (), 0,
-                          (label, c, workdir, ("train",), overwrite, verbose)))
+                          (label, c, workdir, ("train",), overwrite, verbose), floor))
         if later and not _kept(label, workdir, later, overwrite):
             specs.append(((arg, "later"), ((arg, "train"),), 1,
-                          (label, c, workdir, later, overwrite, verbose)))
+                          (label, c, workdir, later, overwrite, verbose), floor))
     pending = {s[0] for s in specs}  # a need that is done already is no need
     jobs = [workers_lib.Job(key, tuple(k for k in needs if k in pending), rank, _worker_job,
-                            args) for key, needs, rank, args in specs]
+                            args, floor) for key, needs, rank, args, floor in specs]
     print(f"[pipeline] {len(jobs)} jobs of {n} models in up to {workers} worker processes",
           flush=True)
-    floor = workers_lib.thread_floor(min(c.model.width for _, c, _ in models))
-    outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ",
-                                   min_threads=floor)
+    outcome = workers_lib.run_jobs(jobs, workers, prefix=lambda key: f"[{key[0]}] ")
     failures, failed_models = [], set()
     for job in jobs:
         arg, result = job.key[0], outcome[job.key]

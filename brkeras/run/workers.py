@@ -4,7 +4,8 @@ TensorFlow's CPU kernels do not scale to two cores on the small CPU-scale
 models, so `config.pipeline.workers` runs that many jobs at once, each in its
 own spawned process with its share of the cores as TensorFlow threads (a job
 that starts while no other can run gets them all), but never fewer than the
-caller's `min_threads` (`thread_floor`). Measured on the README's 2-core
+caller's `min_threads` or the job's own `Job.min_threads` (`thread_floor` of
+its model). Measured on the README's 2-core
 machines (`bench/worker_threads.py`, a training step of the default ternary
 model): on the AVX-512 EPYC 81 ms alone with two threads, 131 ms each for two
 processes side by side with one thread (1.24x the throughput), 144-146 ms each
@@ -33,12 +34,14 @@ from brkeras.run import console
 class Job:
     """key: hashable id; needs: keys of the jobs that must succeed first; rank:
     lower ranks start first among ready jobs (then list order); fn(*args,
-    threads=n) runs in the worker process."""
+    threads=n) runs in the worker process; min_threads: the fewest threads this
+    job may run with (`thread_floor` of its model)."""
     key: tuple
     needs: tuple
     rank: int
     fn: object
     args: tuple
+    min_threads: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +65,8 @@ def thread_floor(narrowest_channels):
     EPYC, and the convolution alone crashes with ONEDNN_MAX_CPU_ISA=AVX2 on an
     AVX-512 one (2, 4 and 6 channels); 8-24 channels at one thread, 2-6 channels
     at two threads and oneDNN's AVX-512 kernels ran clean
-    (`bench/onednn_thread_floor.py` runs the check). So a pipeline with a model
-    narrower than 8 channels gives every worker at least two threads. Outside
+    (`bench/onednn_thread_floor.py` runs the check). So the jobs of a model
+    narrower than 8 channels run with at least two threads. Outside
     the workers (`workers=1`, `brkeras train`) TensorFlow uses every core, so
     only a one-core machine runs such a model with one thread.
     """
@@ -160,7 +163,8 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_t
 
     Returns {key: None (succeeded) | the job's failure description | Skipped}.
     Each worker gets cores // workers TensorFlow threads (all `cores` when its job
-    is the only one that can start), at least `min_threads` (`thread_floor`).
+    is the only one that can start), at least `min_threads` and the job's own
+    `Job.min_threads` (`thread_floor`).
     A worker that dies without an outcome (killed, out of memory) fails its job
     with ("worker", "its process exited with code N"). Ctrl-C: the workers get
     SIGINT too (they finish the write they are in, see console.sigint_deferred)
@@ -177,6 +181,9 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_t
         raise ValueError(f"workers={workers}; give >= 1")
     if min_threads < 1:
         raise ValueError(f"min_threads={min_threads}; give >= 1")
+    low = [j.key for j in jobs if not (isinstance(j.min_threads, int) and j.min_threads >= 1)]
+    if low:
+        raise ValueError(f"run_jobs: jobs {low} have Job.min_threads < 1; give >= 1")
     cores = cores or usable_cores()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process TensorFlow may hold
     results = ctx.Queue()
@@ -194,7 +201,8 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_t
             ready = [j for j in waiting if all(n in outcome for n in j.needs)]
             alone = not running and len(ready) == 1  # the only job that can run now
             for job in ready[:max(0, workers - len(running))]:
-                threads = max(min_threads, cores if alone else cores // workers)
+                threads = max(min_threads, job.min_threads,
+                              cores if alone else cores // workers)
                 p = ctx.Process(target=_worker, name=f"brkeras-{job.key}",
                                 args=(results, job, threads, prefix(job.key), console.debug()))
                 p.start()
