@@ -264,7 +264,7 @@ def main(_):
               "x lean same policy | x lean float32 exact |")
         print("|---|---|---|---|---|---|---|")
         ref = med.get(("lean", "EnResNet20 exact noise (pool 1)", "float32", loss_name))
-        for kind in ("brkeras", "lean"):
+        for kind in ("brkeras", "lean") if LEAN.value else ("brkeras",):
             for policy in policies:
                 plain = med[("brkeras" if kind == "brkeras" else "lean", "ResNet20 (sigma 0)",
                              policy, loss_name)]
