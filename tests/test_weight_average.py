@@ -104,3 +104,36 @@ def test_an_averaged_sparse_run_keeps_its_channels_removed_and_resumes_exactly(
     ckpt = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(killed, "ckpt")))
     counts = [k for k in ckpt.get_variable_to_shape_map() if "weight_average/count" in k]
     assert counts and ckpt.get_tensor(counts[0]) == 2 * 4  # smoke: 2 epochs of 4 steps
+
+
+def _mirrored_run(workdir):
+    """(subprocess) The averaged sparse smoke run under MirroredStrategy on two
+    logical CPU devices; prints the zero-group share of the loaded model."""
+    from brkeras._keras import tf as tf_
+
+    tf_.config.set_logical_device_configuration(
+        tf_.config.list_physical_devices("CPU")[0],
+        [tf_.config.LogicalDeviceConfiguration(), tf_.config.LogicalDeviceConfiguration()])
+    from brkeras.run import train as train_  # pylint: disable=import-outside-toplevel
+
+    c = _ema_config()
+    c.strategy = "mirrored"
+    train_.train(c, workdir, verbose=0)
+    print("SHARE", zero_group_share(train_.load(workdir))["share"], flush=True)
+
+
+def test_the_average_works_under_mirrored_strategy(tmp_path):
+    """Shadows are created in the strategy's scope and updated in the callback's
+    cross-replica context; the run finishes with its pruned channels still zero."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+
+    wd = str(tmp_path / "mirrored")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), wd], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHARE 0.5" in out.stdout, out.stdout[-2000:]
+    assert workdir_lib.read_state(wd)["finished"] is True
+
+
+if __name__ == "__main__":
+    _mirrored_run(sys.argv[1])
