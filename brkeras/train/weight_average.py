@@ -1,10 +1,12 @@
 """An exponential moving average of the trained weights (Polyak averaging).
 
 Weight averaging is part of the strongest adversarial-training recipes (Gowal et
-al. 2020, Rebuffi et al. 2021: the EMA of the weights, with BatchNorm statistics
-recomputed for it). Here it also damps what Binary-Relax's exact Q(w) suffers
-from: latent weights near a ternary threshold flip level from step to step; their
-average sits on one side.
+al. 2020, Rebuffi et al. 2021 evaluate the EMA of the weights). For Binary-Relax
+it also settles latent weights that flip between ternary levels from step to
+step: their average sits on one side of the threshold. brkeras re-estimates the
+BatchNorm statistics for the averaged network (config validation asks for it).
+On the default sparse ternary fine-tune (5 epochs) it measured no gain (README,
+"Channel sparsity"); it is an option for longer runs.
 
 Math (`ema_decay`): after optimizer step n (n = 1, 2, ...), for every averaged
 variable v with shadow s,
