@@ -222,9 +222,15 @@ def main():
             else (name, best[name][0] / elems * 1e9, best[name][1] / elems * 1e9, "")
             for name, v in fns.items()]
 
-    base_f, base_fb = rows[0][1], rows[0][2]  # the first row is the reference
+    # The reference is the first row that ran (the exact path, unless --only or the
+    # dtype left it out).
+    ref = next((r for r in rows if r[1] is not None), None)
+    if ref is None:
+        raise SystemExit("no candidate ran: " + "; ".join(f"{n}: {e}" for n, _, _, e in rows))
+    base_f, base_fb = ref[1], ref[2]
     print(f"{elems / 1e6:.2f}M {args.dtype} noise elements per forward (ResNet20, batch {args.batch}), "
-          f"best of {args.rounds} x {args.runs} calls, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+          f"best of {args.rounds} x {args.runs} calls, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+          f"ratios to {ref[0]!r}")
     print(f"{'candidate':30s} {'fwd ns/el':>10s} {'ratio':>6s} {'f+b ns/el':>10s} {'ratio':>6s}")
     for name, f, fb, err in rows:
         if f is None:
