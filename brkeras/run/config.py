@@ -203,8 +203,8 @@ def base_config():
     c.pipeline.finetune.sources = ()
     # Worker processes running models side by side (run/workers.py; 1 = one model
     # at a time in the pipeline's own process). Each gets cores / workers threads
-    # (all cores when it is the only job that can run), at least 2 if a model
-    # is narrower than 8 channels (workers.thread_floor); the
+    # (all cores when it is the only job that can run); the jobs of a model
+    # narrower than 8 channels get at least 2 (workers.thread_floor); the
     # benchmark stages run afterwards, alone.
     c.pipeline.workers = 1
     return c

@@ -3,13 +3,12 @@
 TensorFlow's CPU kernels do not scale to two cores on the small CPU-scale
 models, so `config.pipeline.workers` runs that many jobs at once, each in its
 own spawned process with its share of the cores as TensorFlow threads (a job
-that starts while no other can run gets them all), but never fewer than the
-caller's `min_threads` or the job's own `Job.min_threads` (`thread_floor` of
-its model). Measured on the README's 2-core
+that starts while no other can run gets them all), but never fewer than its
+`Job.min_threads` (`thread_floor` of its model). Measured on the README's 2-core
 machines (`bench/worker_threads.py`, a training step of the default ternary
-model): on the AVX-512 EPYC 81 ms alone with two threads, 131 ms each for two
+model): on the AVX-512 EPYC (2026-12-07 17:47 UTC) 81 ms alone with two threads, 131 ms each for two
 processes side by side with one thread (1.24x the throughput), 144-146 ms each
-with two (1.12x); on the AVX2 EPYC 169-226 ms alone, 254-312 ms each with one
+with two (1.12x); on the AVX2 EPYC (13:40 UTC, an ad-hoc script) 169-226 ms alone, 254-312 ms each with one
 thread (1.4-1.6x), 279-382 ms each with two (0.98-1.41x).
 
 A job is a top-level function and its arguments (they are pickled to the
@@ -158,13 +157,12 @@ def _worker(results, job, threads, prefix, debug):
     results.put((job.key, outcome))
 
 
-def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_threads=1):
+def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5):
     """Runs `jobs` (a list of Job) in up to `workers` processes at once.
 
     Returns {key: None (succeeded) | the job's failure description | Skipped}.
     Each worker gets cores // workers TensorFlow threads (all `cores` when its job
-    is the only one that can start), at least `min_threads` and the job's own
-    `Job.min_threads` (`thread_floor`).
+    is the only one that can start), at least its `Job.min_threads` (`thread_floor`).
     A worker that dies without an outcome (killed, out of memory) fails its job
     with ("worker", "its process exited with code N"). Ctrl-C: the workers get
     SIGINT too (they finish the write they are in, see console.sigint_deferred)
@@ -179,11 +177,10 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_t
         raise ValueError(f"run_jobs: jobs need unknown keys {unknown}")
     if workers < 1:
         raise ValueError(f"workers={workers}; give >= 1")
-    if min_threads < 1:
-        raise ValueError(f"min_threads={min_threads}; give >= 1")
-    low = [j.key for j in jobs if not (isinstance(j.min_threads, int) and j.min_threads >= 1)]
-    if low:
-        raise ValueError(f"run_jobs: jobs {low} have Job.min_threads < 1; give >= 1")
+    for j in jobs:
+        if not (isinstance(j.min_threads, int) and j.min_threads >= 1):
+            raise ValueError(f"run_jobs: job {j.key} has Job.min_threads={j.min_threads!r}; "
+                             "give >= 1")
     cores = cores or usable_cores()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process TensorFlow may hold
     results = ctx.Queue()
@@ -201,8 +198,7 @@ def run_jobs(jobs, workers, prefix=lambda key: "", cores=None, poll_s=0.5, min_t
             ready = [j for j in waiting if all(n in outcome for n in j.needs)]
             alone = not running and len(ready) == 1  # the only job that can run now
             for job in ready[:max(0, workers - len(running))]:
-                threads = max(min_threads, job.min_threads,
-                              cores if alone else cores // workers)
+                threads = max(job.min_threads, cores if alone else cores // workers)
                 p = ctx.Process(target=_worker, name=f"brkeras-{job.key}",
                                 args=(results, job, threads, prefix(job.key), console.debug()))
                 p.start()
