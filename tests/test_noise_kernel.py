@@ -29,12 +29,21 @@ def ops():
     return ops
 
 
+def _uniforms(key_counter, q, r):
+    """TF's own stateless Philox uniforms [2, ceil(QR / 2)]: what the kernel draws."""
+    key, counter = key_counter
+    return tf.raw_ops.StatelessRandomUniformV2(shape=[2, (q * r + 1) // 2], key=key,
+                                               counter=counter, dtype=tf.float32, alg=1).numpy()
+
+
 def _draws(rng, q, r, pool):
-    half = (q * r + 1) // 2
-    u = rng.uniform(0, 1, (2, half)).astype(np.float32)
+    """((key, counter), u, rows, cols): a Philox key and counter from a random seed,
+    the uniforms TF draws from them, and random signs."""
+    seed = tf.constant(rng.integers(-2 ** 31, 2 ** 31, 2), tf.int32)
+    key_counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)
     rows = rng.choice([-1.0, 1.0], (pool, q)).astype(np.float32)
     cols = rng.choice([-1.0, 1.0], (pool, r)).astype(np.float32)
-    return u, rows, cols
+    return key_counter, _uniforms(key_counter, q, r), rows, cols
 
 
 def _reference(x, u, rows, cols, sigma):
@@ -55,12 +64,12 @@ def test_forward_and_backward_against_numpy(ops, dtype, shape, pool):
     rng = np.random.default_rng(0)
     size = int(np.prod(shape))
     q, r = layers.pool_layout_static(size, pool)
-    u, rows, cols = _draws(rng, q, r, pool)
+    kc, u, rows, cols = _draws(rng, q, r, pool)
     x = tf.cast(rng.normal(3.0, 2.0, shape).astype(np.float32), dtype)  # mean != 0
     g = tf.cast(rng.normal(0, 1, shape).astype(np.float32), dtype)
     xv = tf.cast(x, tf.float64).numpy()
     y_ref, mean_ref, var_ref, z_ref, n = _reference(xv, u, rows, cols, SIGMA)
-    y, mean, var, z = ops.brkeras_fk_noise(x, u, rows, cols, sigma=SIGMA)
+    y, mean, var, z = ops.brkeras_fk_noise(x, *kc, rows, cols, sigma=SIGMA)
     assert y.dtype == dtype and y.shape == x.shape and z.shape == (q, r)
     np.testing.assert_allclose(z.numpy(), z_ref, rtol=2e-5, atol=2e-5)
     assert abs(float(mean) - mean_ref) < 1e-6 * abs(mean_ref)
@@ -77,8 +86,8 @@ def test_forward_and_backward_against_numpy(ops, dtype, shape, pool):
 
 def test_constant_input_is_unchanged_and_passes_g(ops):
     x = tf.fill([4, 5, 5, 3], 2.5)
-    u, rows, cols = _draws(np.random.default_rng(1), 16, 20, 1)
-    y, mean, var, z = ops.brkeras_fk_noise(x, u, rows, cols, sigma=SIGMA)
+    kc, _, rows, cols = _draws(np.random.default_rng(1), 16, 20, 1)
+    y, mean, var, z = ops.brkeras_fk_noise(x, *kc, rows, cols, sigma=SIGMA)
     assert float(var) == 0.0 and float(mean) == 2.5
     np.testing.assert_array_equal(y.numpy(), x.numpy())
     g = tf.random.normal(x.shape)
@@ -89,23 +98,39 @@ def test_constant_input_is_unchanged_and_passes_g(ops):
 def test_same_inputs_give_bitwise_the_same_outputs(ops):
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, (64, 32, 32, 8)).astype(np.float32)  # many chunks, both threads
-    u, rows, cols = _draws(rng, 256, 256, 8)
-    a = [t.numpy() for t in ops.brkeras_fk_noise(x, u, rows, cols, sigma=SIGMA)]
-    b = [t.numpy() for t in ops.brkeras_fk_noise(x, u, rows, cols, sigma=SIGMA)]
+    kc, _, rows, cols = _draws(rng, 256, 256, 8)
+    a = [t.numpy() for t in ops.brkeras_fk_noise(x, *kc, rows, cols, sigma=SIGMA)]
+    b = [t.numpy() for t in ops.brkeras_fk_noise(x, *kc, rows, cols, sigma=SIGMA)]
     for s, t in zip(a, b):
         np.testing.assert_array_equal(s, t)
 
 
 def test_bad_shapes_are_refused(ops):
     x = tf.zeros([2, 4, 4, 2])  # 64 elements
-    u, rows, cols = _draws(np.random.default_rng(3), 2, 4, 8)  # pool 8 * 2 * 4 = 64
-    ops.brkeras_fk_noise(x, u, rows, cols, sigma=SIGMA)
+    (key, counter), _, rows, cols = _draws(np.random.default_rng(3), 2, 4, 8)  # 8 * 2 * 4 = 64
+    ops.brkeras_fk_noise(x, key, counter, rows, cols, sigma=SIGMA)
     with pytest.raises(tf.errors.InvalidArgumentError, match="smaller than x"):
-        ops.brkeras_fk_noise(x, u, rows[:4], cols[:4], sigma=SIGMA)
+        ops.brkeras_fk_noise(x, key, counter, rows[:4], cols[:4], sigma=SIGMA)
     with pytest.raises(tf.errors.InvalidArgumentError, match="rows must be"):
-        ops.brkeras_fk_noise(x, u, rows, cols[:4], sigma=SIGMA)  # k differs
-    with pytest.raises(tf.errors.InvalidArgumentError, match="uniforms"):
-        ops.brkeras_fk_noise(x, u[:, :1], rows, cols, sigma=SIGMA)
+        ops.brkeras_fk_noise(x, key, counter, rows, cols[:4], sigma=SIGMA)  # k differs
+    with pytest.raises(tf.errors.InvalidArgumentError, match="StatelessRandomGetKeyCounter"):
+        ops.brkeras_fk_noise(x, key, counter[:1], rows, cols, sigma=SIGMA)
+
+
+@pytest.mark.parametrize("counter", [[0, 0], [2 ** 32 - 5, 7], [2 ** 64 - 9, 2 ** 32 - 1],
+                                     [2 ** 64 - 3, 2 ** 64 - 1]])
+@pytest.mark.parametrize("q,r", [(3, 6), (129, 257)])  # half = 9; two chunks, half odd
+def test_the_kernels_uniforms_are_tfs_philox_stream(ops, counter, q, r):
+    """Bit for bit TF's StatelessRandomUniformV2, also where the 128-bit counter carries
+    from one 32-bit word into the next inside a block of 16 lanes: z = Box-Muller(u)
+    against TF's u to float rounding (a single wrong uniform is off by far more)."""
+    key_counter = (tf.constant([0x0123456789ABCDEF], tf.uint64), tf.constant(counter, tf.uint64))
+    u = _uniforms(key_counter, q, r).astype(np.float64)
+    x = tf.random.normal([1, q * r])
+    z = ops.brkeras_fk_noise(x, *key_counter, tf.ones([1, q]), tf.ones([1, r]), sigma=SIGMA)[3]
+    rad = np.sqrt(-2 * np.log1p(-u[0]))
+    z_ref = np.concatenate([rad * np.cos(2 * np.pi * u[1]), rad * np.sin(2 * np.pi * u[1])])
+    np.testing.assert_allclose(z.numpy().reshape(-1), z_ref[:q * r], rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("pool", [1, 8])
@@ -174,7 +199,10 @@ def test_the_switch_turns_the_kernel_off(ops, monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert kernels.fk_noise_ops() is None
     types = _op_types(fn, x)
-    assert "BrkerasFkNoise" not in types and "RandomUniform" in types
+    assert "BrkerasFkNoise" not in types and "StatelessRandomUniformV2" in types
+    with kernels.disabled():  # graphs for TFLite: builtin random ops only
+        types = _op_types(fn, x)
+    assert "RandomUniform" in types and not any(t.startswith("Stateless") for t in types)
     # dtypes the kernel does not take use the TF-op path too
     monkeypatch.delenv(kernels.ENV_SWITCH)
     assert "BrkerasFkNoise" not in _op_types(fn, tf.zeros([2, 8, 8, 4], tf.float16))

@@ -16,8 +16,9 @@ float32, the normals are drawn in float32 and rounded once to bfloat16.
 How n is drawn (`pool`):
 
 * pool = 1: exact i.i.d. draws, N normals (`standard_normal`: Box-Muller on
-  tf.random.uniform, the transform tf.random.normal uses, as vectorised ops; the
-  PyPI wheel's RNG kernels are scalar code, ~5 ns per normal with tf.random.normal).
+  Philox uniforms, the transform tf.random.normal uses, as vectorised ops; the
+  PyPI wheel's RNG kernels are scalar code, ~5 ns per normal with tf.random.normal,
+  ~1.6 ns per uniform; the fused kernel draws the same uniforms at ~0.5 ns).
 * pool = k > 1 (the default, k = 8): one fresh pool z of ~N / k i.i.d. N(0, 1)
   draws, laid out as a Q x R matrix, reused k times; copy a gets the sign pattern
   r_a t_a^T of two fresh random sign vectors r_a ~ {+-1}^Q, t_a ~ {+-1}^R:
@@ -64,7 +65,16 @@ def random_signs(shape, dtype=tf.float32):
     return tf.where(tf.random.uniform(shape) < 0.5, tf.ones([], dtype), -tf.ones([], dtype))
 
 
-def standard_normal(n):
+def philox_key_counter():
+    """A fresh (key, counter) for TF's stateless Philox ops, from a stateful draw of a
+    seed (so global and op seeds govern it as any TF random op): what the training
+    noise's uniforms are drawn from, by TF's StatelessRandomUniformV2 or, bit for bit
+    the same, inside the fused kernel (nn/kernels), which vectorises Philox."""
+    seed = tf.random.uniform([2], minval=tf.int32.min, maxval=tf.int32.max, dtype=tf.int32)
+    return tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)
+
+
+def standard_normal(n, key_counter=None):
     """n i.i.d. N(0, 1) float32 draws by Box-Muller from uniform draws:
     (sqrt(-2 ln u1) cos(2 pi u2), sqrt(-2 ln u1) sin(2 pi u2)) with u1 in (0, 1].
 
@@ -72,9 +82,18 @@ def standard_normal(n):
     on 23-bit uniforms, so both reach 5.6 standard deviations), but as vectorised
     elementwise ops it costs ~60% of tf.random.normal here (bench/noise_cost.py):
     the scalar kernel is the uniform generator, not the transform.
+    The uniforms [2, ceil(n / 2)] are tf.random.uniform's, or with `key_counter`
+    (`philox_key_counter()`) the stateless Philox stream of that key and counter,
+    which the fused kernel reproduces (RANDOM_UNIFORM is a TFLite builtin, the
+    stateless op is not: models traced for TFLite use the former).
     """
     half = (n + 1) // 2
-    u = tf.random.uniform(tf.stack([2, half]))
+    if key_counter is None:
+        u = tf.random.uniform(tf.stack([2, half]))
+    else:
+        key, counter = key_counter
+        u = tf.raw_ops.StatelessRandomUniformV2(shape=tf.stack([2, half]), key=key,
+                                                counter=counter, dtype=tf.float32, alg=1)
     radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))  # 1 - u1 in (0, 1]
     angle = 6.283185307179586 * u[1]
     return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], 0)[:n]
@@ -98,20 +117,21 @@ def _pooled(z, rows, cols, n):
     return tf.reshape(z * rows * cols, [-1])[:n]
 
 
-def scaled_noise(shape, scale, pool, dtype=tf.float32):
+def scaled_noise(shape, scale, pool, dtype=tf.float32, key_counter=None):
     """scale * n with n ~ N(0, 1) per element, drawn as the module docstring says.
 
     pool = k > 1: z ~ N(0, 1)^[Q, R] (Q * R ~ N / k), signs r ~ {+-1}^[k, Q],
     t ~ {+-1}^[k, R], n[a, i, j] = r[a, i] * t[a, j] * z[i, j], flattened and cut
     to N. `scale` is a float32 scalar tensor; the normals are drawn and scaled
     in float32 and the result is cast to `dtype` (the layer's compute dtype).
-    Gradients flow to `scale` (d/dscale = n).
+    Gradients flow to `scale` (d/dscale = n). `key_counter`: as standard_normal.
     """
     n = tf.reduce_prod(shape)
     if pool == 1:
-        return tf.reshape(tf.cast(scale * standard_normal(n), dtype), shape)
+        return tf.reshape(tf.cast(scale * standard_normal(n, key_counter), dtype), shape)
     q, r = pool_layout(n, pool)
-    z = tf.cast(scale * tf.reshape(standard_normal(q * r), tf.stack([1, q, r])), dtype)
+    z = standard_normal(q * r, key_counter)
+    z = tf.cast(scale * tf.reshape(z, tf.stack([1, q, r])), dtype)
     rows = random_signs(tf.stack([pool, q, 1]), dtype)
     cols = random_signs(tf.stack([pool, 1, r]), dtype)
     return tf.reshape(_pooled(z, rows, cols, n), shape)
@@ -149,9 +169,10 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     bfloat16 policy rounds the noise and its gradient once, not at every op.
     Where the fused CPU kernels of nn/kernels are built (`make setup`), float32
     and bfloat16 x take them instead (`_fused_noise`: the same map and
-    distribution, two passes over x each way instead of about twenty; on a
-    ResNet20 PGD-10 step the noise then adds +5% in float32 and +12% in
-    bfloat16, against +8% and +29% by TF ops, bench/step_time.py, 2026-12-04).
+    distribution, two passes over x each way instead of about twenty, and the
+    uniforms drawn 16 Philox counters at a time; on a ResNet20 PGD-10 step the
+    noise then adds +6-8% in float32 and +10-13% in bfloat16, against +20-22%
+    and +44-48% by TF ops: bench/step_time.py, three runs, 2026-12-07).
     Models traced for TFLite conversion use the TF ops (`kernels.disabled()`,
     as deploy/convert.py does): the kernel's op is no TFLite builtin.
     A constant x (std = 0) gets no noise and the gradient g. sigma = 0 returns
@@ -165,11 +186,14 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
     if ops is not None:
         return _fused_noise(x, sigma, pool, ops)
 
+    # the uniforms as the kernel draws them, except in graphs for TFLite (builtins only)
+    key_counter = None if kernels.builtin_ops_only() else philox_key_counter()
+
     @tf.custom_gradient
     def noisy(x):
         xf = tf.cast(x, tf.float32)  # tf.cast adds no op when the dtype already matches
         mean, var, n = moments(xf)
-        p = scaled_noise(tf.shape(xf), sigma * tf.sqrt(var), pool)
+        p = scaled_noise(tf.shape(xf), sigma * tf.sqrt(var), pool, key_counter=key_counter)
 
         def grad(g):
             gf = tf.cast(g, tf.float32)
@@ -184,15 +208,16 @@ def feynman_kac_noise(x, sigma=0.1, pool=8):
 def _fused_noise(x, sigma, pool, ops):
     """feynman_kac_noise by the fused CPU kernels (nn/kernels/fk_noise.cc).
 
-    The same draws as the TF-op path, in the same order: the uniforms of
-    standard_normal (the kernel applies its Box-Muller transform), then the row
-    and column signs of random_signs, as [k, Q] and [k, R]. So both paths give the
+    The same draws as the TF-op path, in the same order: the Philox key and counter
+    of standard_normal's uniforms (the kernel draws them, 16 counters at a time, and
+    applies the Box-Muller transform), then the row and column signs of
+    random_signs, as [k, Q] and [k, R]. So both paths give the
     same values up to float rounding (pool = 1: where pool_layout is exact,
     Q * R = N), and a run's noise does not depend on whether the kernel is built.
     Moments, x + p and the pullback take two passes each.
     """
     q, r = pool_layout(tf.size(x), pool)
-    u = tf.random.uniform(tf.stack([2, (q * r + 1) // 2]))
+    key, counter = philox_key_counter()
     if pool == 1:
         rows, cols = tf.ones(tf.stack([1, q])), tf.ones(tf.stack([1, r]))
     else:
@@ -200,7 +225,7 @@ def _fused_noise(x, sigma, pool, ops):
 
     @tf.custom_gradient
     def noisy(x):
-        y, mean, var, z = ops.brkeras_fk_noise(x, u, rows, cols, sigma=sigma)
+        y, mean, var, z = ops.brkeras_fk_noise(x, key, counter, rows, cols, sigma=sigma)
 
         def grad(g):
             return ops.brkeras_fk_noise_grad(g, x, z, rows, cols, mean, var, sigma=sigma)

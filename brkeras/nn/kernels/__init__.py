@@ -3,9 +3,11 @@
 `fk_noise.cc` computes the Feynman-Kac noise map (nn/layers.py) and its pullback
 in two passes over the tensor each, where the TF-op path takes about twenty
 (casts, moments, the pooled product, x + p and the pullback, each a kernel of
-its own). The draws stay TF random ops, so the distribution, the seeding and the
-deploy form do not change; with the same draws both paths give the same values
-up to float rounding (tests/test_noise_kernel.py).
+its own). The uniforms are TF's stateless Philox stream of a key and counter
+that TF ops draw, generated in the kernel bit for bit as TF's (scalar) kernel
+would, 16 counters at a time; the signs stay TF random ops. So the distribution,
+the seeding and the deploy form do not change, and with the same seed both paths
+give the same values up to float rounding (tests/test_noise_kernel.py).
 
 Build it once per TensorFlow install (`make setup` does; needs g++):
 
@@ -37,6 +39,12 @@ _disabled_depth = [0]
 def enabled():
     """False inside `disabled()` or when BRKERAS_FUSED_KERNELS=0 (read at every call)."""
     return _disabled_depth[0] == 0 and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def builtin_ops_only():
+    """True inside `disabled()`: graphs traced there leave this process (TFLite), so
+    the noise layer draws with TFLite builtins only (nn/layers.py)."""
+    return _disabled_depth[0] > 0
 
 
 @contextlib.contextmanager
