@@ -148,11 +148,10 @@ def _schedule_tensors(n):
 
 
 # ---------------------------------------------------------------- validation
-_static = attacks._static  # pylint: disable=protected-access  (one definition for both)
 
 
 def _check_count(name, v, minimum):
-    s = _static(v)
+    s = attacks.static_value(v)
     if s is None:
         raise ValueError(f"{name} must be known when the graph is built (a Python int), "
                          "not a computed tensor")
@@ -170,21 +169,21 @@ def _validate(model_fn, x, eps, nb_iter, norm, loss, clip_min, clip_max, y, rest
         raise ValueError(f"norm={norm!r} is not supported; use norm=np.inf (L-inf) or norm=2 (L2)")
     if loss not in _LOSSES:
         raise ValueError(f"loss={loss!r} is not supported; use one of {_LOSSES}")
-    e = _static(eps)
+    e = attacks.static_value(eps)
     if e is not None and (e < 0 or not math.isfinite(e)):
         raise ValueError(f"eps={e} must be a finite number >= 0 (e.g. 8/255 for CIFAR-10)")
-    lo, hi = _static(clip_min), _static(clip_max)
+    lo, hi = attacks.static_value(clip_min), attacks.static_value(clip_max)
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"clip_min={lo} >= clip_max={hi}; pass clip_min < clip_max "
                          "(images here are in [0, 1]: clip_min=0., clip_max=1.)")
     n = _check_count("nb_iter", nb_iter, 1)
-    r = _static(restarts)
+    r = attacks.static_value(restarts)
     if r is not None and (r < 1 or r != int(r)):
         raise ValueError(f"restarts={restarts} must be an integer >= 1 (1 = one random start)")
-    p = _static(rho)
+    p = attacks.static_value(rho)
     if p is not None and not 0.0 < p <= 1.0:
         raise ValueError(f"rho={rho} must be in (0, 1] (the reference uses 0.75)")
-    k = _static(eot_samples)
+    k = attacks.static_value(eot_samples)
     if k is not None and (k < 1 or k != int(k)):
         raise ValueError(f"eot_samples={eot_samples} must be an integer >= 1 (1 = no EOT)")
     if seed is not None and not isinstance(seed, (numbers.Integral, np.integer)) \
@@ -434,8 +433,9 @@ def _run(static, model_fn, tensors):
 def _n(v):
     """A count that is statically 1 becomes None inside a caller's tf.function (no loop
     in its graph); called eagerly it stays a tensor, so plain and EOT share a trace."""
-    return None if _static(v) == 1 and tf.inside_function() else tf.convert_to_tensor(v,
-                                                                                     tf.int32)
+    if attacks.static_value(v) == 1 and tf.inside_function():
+        return None
+    return tf.convert_to_tensor(v, tf.int32)
 
 
 # ---------------------------------------------------------------- public API

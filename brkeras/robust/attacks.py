@@ -44,7 +44,7 @@ _NORMS = (np.inf, 2)
 
 
 # ---------------------------------------------------------------- validation
-def _static(v):
+def static_value(v):
     """Python value of a number or a constant tensor; None when unknown at trace time."""
     if isinstance(v, (numbers.Number, np.number)):
         return float(v)
@@ -63,7 +63,7 @@ def _check_norm(norm):
 
 
 def _check_nonneg(name, v, integer=False):
-    s = _static(v)
+    s = static_value(v)
     if s is not None:
         if s < 0:
             raise ValueError(f"{name}={s} is negative; pass {name} >= 0")
@@ -74,11 +74,11 @@ def _check_nonneg(name, v, integer=False):
 
 def _check_common(eps, clip_min, clip_max, eot_samples):
     e = _check_nonneg("eps", eps)
-    lo, hi = _static(clip_min), _static(clip_max)
+    lo, hi = static_value(clip_min), static_value(clip_max)
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"clip_min={lo} >= clip_max={hi}; pass clip_min < clip_max "
                          "(images here are in [0, 1]: clip_min=0., clip_max=1.)")
-    n = _static(eot_samples)
+    n = static_value(eot_samples)
     if n is not None and (n < 1 or n != int(n)):
         raise ValueError(f"eot_samples={eot_samples} must be an integer >= 1 (1 = no EOT)")
     return e
@@ -444,7 +444,7 @@ def _n(v):
     """A count that is statically 1 becomes None inside a caller's tf.function: the
     graph then has no loop for it. Called eagerly it stays a tensor, so one cached
     trace serves 1 and n (plain and EOT runs, one and more restarts)."""
-    return None if _static(v) == 1 and tf.inside_function() else _i(v)
+    return None if static_value(v) == 1 and tf.inside_function() else _i(v)
 
 
 def _y(y):
@@ -497,7 +497,7 @@ def pgd(model_fn, x, eps, eps_iter, nb_iter, norm=np.inf, clip_min=0., clip_max=
         raise ValueError(f"eps_iter={a} > eps={e}: a PGD step larger than the ball only "
                          "gets projected back; pass eps_iter <= eps (e.g. eps / 4)")
     _check_nonneg("nb_iter", nb_iter, integer=True)
-    r = _static(restarts)
+    r = static_value(restarts)
     if r is not None and (r < 1 or r != int(r)):
         raise ValueError(f"restarts={restarts} must be an integer >= 1")
     if rand_minmax is None:
