@@ -19,29 +19,34 @@ Q(w) after), except the sparse ternary models, which are pruned from the trained
 dense ternary model with the same schedule (pipeline.finetune.sources).
 
 Cost and result on 2 CPU cores. With this config (`make run` on a fresh clone of
-a792b54, 2026-12-07 16:58 UTC: 13.5 min in all, pipeline 749 s, two worker
+7866eea, 2026-12-07 22:32 UTC: 14.4 min in all, pipeline 815 s, two worker
 processes of one TensorFlow thread each (pipeline.workers), on the AMD EPYC with
-AVX-512 and TensorFlow's oneDNN kernels on; 084a4ca's five-model job took 943 s
-right after it, 0.79x; README.md's table; 1000 test images, expected
-prediction over 4 noise draws; EOT-PGD-20 / worst case over every attack incl.
-APGD-CE/DLR with EOT):
-  float from scratch:                               83.9% natural, 72.1% / 70.9%
-  ternary fine-tuned from it:                       84.2% natural, 70.4% / 68.7%
-  ternary + group sparsity (46% channels), from it: 82.7% natural, 68.1% / 66.9%,
-                                                    0.61x MACs, zipped file 0.348x
-  the same with the plain PGD loss:                 81.7% natural, 67.0% / 65.8%
-  4-bit + group sparsity (46% channels):            83.9% natural, 72.9% / 71.2%
-  tfmot 8-bit QAT from the float model:             85.7% natural, 74.6% / 73.4%
-`make run` on a fresh clone of 1b3f9f0 (20:28 UTC, the same machine, 15.8 min
-on a slower hour) trained the same weights to the digit and shipped
-byte-identical files; its evaluation, with other noise draws, stayed within 0.6
-points (float 84.0% / 72.2%, sparse ternary 83.3% / 67.8% natural / EOT-PGD-20).
+AVX-512 and TensorFlow's oneDNN kernels on; README.md's table; 1000 test images,
+expected prediction over 4 noise draws; EOT-PGD-20 / worst case over every
+attack incl. APGD-CE/DLR with EOT):
+  float from scratch:                               84.0% natural, 71.5% / 70.8%
+  ternary fine-tuned from it:                       83.2% natural, 69.8% / 69.2%
+  ternary + group sparsity (46% channels), from it: 82.5% natural, 70.3% / 68.3%,
+                                                    0.55x MACs, zipped file 0.3504x
+  the same with the plain PGD loss:                 82.2% natural, 68.4% / 66.2%
+  4-bit + group sparsity (46% channels):            84.1% natural, 72.8% / 71.6%
+  tfmot 8-bit QAT from the float model:             85.2% natural, 74.1% / 73.2%
+The run before 0140524 changed the noise stream (a792b54, 16:58 UTC, 13.5 min,
+pipeline 749 s; 084a4ca's five-model job took 943 s right after it, 0.79x) had
+float 83.9% / 72.1% / 70.9%, ternary 84.2% / 70.4% / 68.7%, sparse ternary
+82.7% / 68.1% / 66.9% at 0.61x MACs and 0.348x zipped, PGD-loss sparse 81.7% /
+67.0% / 65.8%, 4-bit sparse 83.9% / 72.9% / 71.2%, QAT 85.7% / 74.6% / 73.4%;
+`make run` on a fresh clone of 1b3f9f0 (20:28 UTC, 15.8 min on a slower hour)
+trained the same weights as a792b54 to the digit and shipped byte-identical
+files; its evaluation, with other noise draws, stayed within 0.6 points.
 On 2000 validation images (training images 30000-31999, no model trained on
-them; PGD-20 plain and EOT) the float model had 85.1% / 73.6% natural /
-EOT-PGD-20 and the sparse ternary one 83.9% / 68.4%. The 14:17 UTC run of
-bf2079b (two-thread workers, the AVX2 EPYC, 32.3 min) had the sparse ternary
-model 0.1 natural and 2.2 EOT-PGD-20 points below the float model, where this
-one is 1.2 and 4.0 below: one seed's spread (README.md, "Channel sparsity").
+them; PGD-20 plain and EOT) the float model had 84.6% / 72.8% natural /
+EOT-PGD-20 and the sparse ternary one 83.2% / 69.7% (7866eea's models;
+a792b54's: 85.1% / 73.6% and 83.9% / 68.4%). The
+14:17 UTC run of bf2079b (two-thread workers, the AVX2 EPYC, 32.3 min) had the
+sparse ternary model 0.1 natural and 2.2 EOT-PGD-20 points below the float
+model, a792b54's 1.2 and 4.0, 7866eea's 1.5 and 1.2: one seed's spread
+(README.md, "Channel sparsity").
 At strength 4 (3e0a984, 07:33 UTC the same day, 27.0 min; the float, ternary
 and QAT models were the same files) the sparse ternary model had 81.9% /
 67.6% / 66.8% at 0.59x MACs, and the PGD-loss one 81.2% / 67.1% / 65.7%.
