@@ -140,9 +140,10 @@ def test_sanity_list_and_more_effort(ternary):
     names = [c["check"] for c in checks]
     assert len(names) == len(set(names))
     # 5 attacks x plain (2 kinds) + 3 x eot (2 kinds); PGD<=FGSM x2; EOT<=plain x3;
-    # 2 sweep attacks x (2 steps + near chance); 2 more-effort checks; worst case;
+    # sweep: 2 attacks x 2 steps, PGD-20 <= FGSM at the 2 eps > 0, near chance once;
+    # 2 more-effort checks; worst case;
     # finite x_adv per attack and mode run (4 plain, cw_rescaled derives from cw; 3 eot)
-    assert len(checks) == 10 + 6 + 2 + 3 + 6 + 2 + 1 + 7
+    assert len(checks) == 10 + 6 + 2 + 3 + 7 + 2 + 1 + 7
     assert all(c["held"] for c in checks if c["check"].startswith("finite x_adv"))
     # the stored checks are exactly what the pure function gives on the stored result
     n, m = r["n_examples"], r["eps_sweep"]["n_examples"]
@@ -239,9 +240,9 @@ def failed(result, stochastic=False):
 
 def test_sanity_consistent_result_passes():
     checks = sanity.sanity_checks(consistent(), 100, False, 10, 100)
-    # 3 attacks x plain x 2 kinds + 2 x eot x 2; PGD<=FGSM x2; EOT<=plain x2; sweep 2 x (2 + 1);
-    # more effort 2
-    assert len(checks) == 6 + 4 + 2 + 2 + 6 + 2
+    # 3 attacks x plain x 2 kinds + 2 x eot x 2; PGD<=FGSM x2; EOT<=plain x2; sweep 2 x 2
+    # steps + PGD<=FGSM at 2 eps + near chance; more effort 2
+    assert len(checks) == 6 + 4 + 2 + 2 + 7 + 2
     assert all(c["held"] for c in checks)
     assert all("tolerance 0.0000" in c["detail"] for c in checks if "tolerance" in c["detail"])
 
@@ -251,10 +252,15 @@ def test_sanity_consistent_result_passes():
      ["robust <= natural (fgsm, plain, expected)"]),
     (lambda r: r["attacks"]["pgd20"]["plain"].update(expected=0.55),
      ["PGD-20 <= FGSM (plain, expected)"]),
-    (lambda r: r["eps_sweep"]["attacks"]["fgsm"].update(expected=[0.8, 0.05, 0.1]),
+    (lambda r: r["eps_sweep"]["attacks"]["fgsm"].update(expected=[0.8, 0.3, 0.35]),
      ["non-increasing in eps (fgsm, 0.1 -> 0.3)"]),
     (lambda r: r["eps_sweep"]["attacks"]["pgd20"].update(expected=[0.8, 0.5, 0.5]),
-     ["near chance at eps=0.3 (pgd20)"]),
+     ["PGD-20 <= FGSM (sweep, eps=0.3)"]),  # FGSM reaches chance: the check is PGD's
+    (lambda r: [r["eps_sweep"]["attacks"][a].update(expected=[0.8, 0.5, 0.4])
+                for a in ("fgsm", "pgd20")],
+     ["near chance at eps=0.3 (strongest: fgsm)"]),
+    (lambda r: r["eps_sweep"]["attacks"]["fgsm"].update(expected=[0.8, 0.55, 0.3]),
+     []),  # a single step above chance far out, PGD-20 at 0: no masking, no flag
     (lambda r: r["attacks"]["fgsm"]["eot"].update(expected=0.6),
      ["EOT <= plain (fgsm, expected)"]),
     (lambda r: r["more_effort"]["steps_x2"].update(expected=0.35),

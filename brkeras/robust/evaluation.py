@@ -14,8 +14,9 @@ steps of eps/8, no random start); PGD-20 (random start, steps of eps/4); CW-L2
 x + eps (x_cw - x) ("cw_rescaled").
 
 Sanity checks (stored and printed; a violation is a warning, never hidden):
-robust <= natural; PGD <= FGSM; accuracy non-increasing over the eps sweep and
-near chance at the largest eps; more steps and restarts never raise accuracy;
+robust <= natural; PGD <= FGSM (also at every eps of the sweep); accuracy
+non-increasing over the eps sweep, and the strongest sweep attack near chance at
+the largest eps; more steps and restarts never raise accuracy;
 EOT never raises accuracy. Comparisons allow the sampling noise of the model's
 randomness (two binomial standard errors; zero for a deterministic model).
 

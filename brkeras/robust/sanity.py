@@ -25,8 +25,12 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
       PGD-20 <= FGSM      expected accuracy, per mode;
       EOT <= plain        expected accuracy, per attack run with EOT;
       eps sweep           expected accuracy non-increasing between consecutive eps
-                          (sweep_n examples), and <= 1/num_classes + 0.1 at the
-                          largest eps when that eps is > 0;
+                          (sweep_n examples), PGD-20 <= FGSM at every eps > 0, and
+                          the strongest sweep attack <= 1/num_classes + 0.1 at
+                          the largest eps when that eps is > 0 (FGSM alone may
+                          stay above chance far beyond the training radius
+                          without masking: Carlini et al. 2019 ask iterative
+                          attacks to succeed there, single steps to be weaker);
       more effort         PGD-20 with 2x steps or 2x restarts <= PGD-20 (sweep_n);
       APGD <= PGD-20      expected accuracy of each apgd_* attack per mode, against
                           PGD-20's same mode (else its plain run); two binomial
@@ -68,20 +72,32 @@ def sanity_checks(result, n, stochastic, num_classes, sweep_n):
             check(f"EOT <= plain ({name}, expected)", r["eot"]["expected"],
                   r["plain"]["expected"], n, "EOT never raises accuracy")
     sweep = result.get("eps_sweep")
-    for name in (sweep or {}).get("attacks", {}):
-        accs = sweep["attacks"][name]["expected"]
+    sweep_accs = (sweep or {}).get("attacks", {})
+    for name in sweep_accs:
+        accs = sweep_accs[name]["expected"]
         if len(accs) != len(sweep["eps"]):
             raise ValueError(f"eps_sweep of {name} has {len(accs)} accuracies for "
                              f"{len(sweep['eps'])} eps values")
         for (e0, a0), (e1, a1) in zip(zip(sweep["eps"], accs), zip(sweep["eps"][1:], accs[1:])):
             check(f"non-increasing in eps ({name}, {e0:g} -> {e1:g})", a1, a0, sweep_n,
                   "expected accuracy")
-        if accs and sweep["eps"][-1] > 0:
-            chance = 1.0 / num_classes
-            last = accs[-1]
-            checks.append({"check": f"near chance at eps={sweep['eps'][-1]:g} ({name})",
-                           "held": bool(last <= chance + 0.1),
-                           "detail": f"expected accuracy {last:.4f} vs chance {chance:.2f} (+0.10)"})
+    if "pgd20" in sweep_accs and "fgsm" in sweep_accs:
+        for e, a_pgd, a_fgsm in zip(sweep["eps"], sweep_accs["pgd20"]["expected"],
+                                    sweep_accs["fgsm"]["expected"]):
+            if e > 0:
+                check(f"PGD-20 <= FGSM (sweep, eps={e:g})", a_pgd, a_fgsm, sweep_n,
+                      "expected accuracy")
+    if sweep_accs and sweep["eps"] and sweep["eps"][-1] > 0:
+        # ~0 at a large radius is asked of the evaluation's strongest attack: a single
+        # step may stay well above chance there without any masking (its linear
+        # model of the loss is poor that far out); PGD-20 <= FGSM is checked above
+        chance, e_max = 1.0 / num_classes, sweep["eps"][-1]
+        last = {name: sweep_accs[name]["expected"][-1] for name in sweep_accs}
+        strongest = min(last, key=last.get)
+        each = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+        checks.append({"check": f"near chance at eps={e_max:g} (strongest: {strongest})",
+                       "held": bool(last[strongest] <= chance + 0.1),
+                       "detail": f"expected accuracy {each} vs chance {chance:.2f} (+0.10)"})
     more = result.get("more_effort")
     if more:
         for label in ("steps_x2", "restarts_x2"):
