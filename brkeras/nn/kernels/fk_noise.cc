@@ -153,22 +153,22 @@ typedef float F32x16 __attribute__((vector_size(64)));
 
 // (lo, hi) 32-bit halves of m * c, lane by lane: the even and odd lanes as 64-bit products.
 static inline void MulHiLo(uint32_t m, U32x16 c, U32x16* lo, U32x16* hi) {
-  const U64x8 w = reinterpret_cast<U64x8&>(c), mask = U64x8{} + 0xffffffffull;
+  const U64x8 w = (U64x8)c, mask = U64x8{} + 0xffffffffull;  // vector casts keep the bits
 #ifdef __AVX512F__  // vpmuludq: GCC writes the generic products as vpmullq, 3x slower
   const __m512i mv = _mm512_set1_epi64(m);
-  const U64x8 pe = reinterpret_cast<U64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(w), mv));
-  const U64x8 po = reinterpret_cast<U64x8>(_mm512_mul_epu32(reinterpret_cast<__m512i>(w >> 32), mv));
+  const U64x8 pe = (U64x8)_mm512_mul_epu32((__m512i)w, mv);
+  const U64x8 po = (U64x8)_mm512_mul_epu32((__m512i)(w >> 32), mv);
 #else
   const U64x8 pe = (w & mask) * m, po = (w >> 32) * m;
 #endif
   const U64x8 l = (pe & mask) | (po << 32), h = (pe >> 32) | (po & ~mask);
-  *lo = reinterpret_cast<const U32x16&>(l);
-  *hi = reinterpret_cast<const U32x16&>(h);
+  *lo = (U32x16)l;
+  *hi = (U32x16)h;
 }
 
 static inline F32x16 ToUnit(U32x16 bits) {
   const U32x16 v = (bits & 0x7fffffu) | (127u << 23);
-  return reinterpret_cast<const F32x16&>(v) - 1.0f;
+  return (F32x16)v - 1.0f;
 }
 
 static void PhiloxUniforms(const tensorflow::random::PhiloxRandom& base, int64_t first,
@@ -184,11 +184,11 @@ static void PhiloxUniforms(const tensorflow::random::PhiloxRandom& base, int64_t
   for (int64_t e = first; e < end; g += kPhiloxLanes) {
     // lane l holds the 128-bit counter s + l (carries as PhiloxRandom::Skip)
     U32x16 c0 = s[0] + iota;
-    const U32x16 k1 = reinterpret_cast<U32x16>(c0 < s[0]) & 1u;
+    const U32x16 k1 = (U32x16)(c0 < s[0]) & 1u;
     U32x16 c1 = s[1] + k1;
-    const U32x16 k2 = k1 & (reinterpret_cast<U32x16>(c1 == 0u) & 1u);
+    const U32x16 k2 = k1 & ((U32x16)(c1 == 0u) & 1u);
     U32x16 c2 = s[2] + k2;
-    U32x16 c3 = s[3] + (k2 & (reinterpret_cast<U32x16>(c2 == 0u) & 1u));
+    U32x16 c3 = s[3] + (k2 & ((U32x16)(c2 == 0u) & 1u));
     uint32_t r0 = key0, r1 = key1;
     for (int round = 0; round < 10; ++round) {
       U32x16 lo0, hi0, lo1, hi1;
