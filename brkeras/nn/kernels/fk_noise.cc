@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -221,14 +222,15 @@ static void PhiloxUniforms(const tensorflow::random::PhiloxRandom& base, int64_t
 static void BoxMuller(OpKernelContext* ctx, const tensorflow::random::PhiloxRandom& gen,
                       int64_t half, int64_t qr, float* z) {
   Parallel(ctx, (half + kChunk - 1) / kChunk, kChunk * 60, [&](int64_t c0, int64_t c1) {
-    std::vector<float> u0(kChunk), u1(kChunk);
+    // scratch for one chunk's uniforms, overwritten before use (no zero fill)
+    std::unique_ptr<float[]> u0(new float[kChunk]), u1(new float[kChunk]);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = c * kChunk, len = std::min(half, i0 + kChunk) - i0;
-      PhiloxUniforms(gen, i0, len, u0.data());
-      PhiloxUniforms(gen, half + i0, len, u1.data());
+      PhiloxUniforms(gen, i0, len, u0.get());
+      PhiloxUniforms(gen, half + i0, len, u1.get());
       using Arr = Eigen::Array<float, Eigen::Dynamic, 1>;
-      const Arr rad = (-2.0f * (1.0f - Eigen::Map<const Arr>(u0.data(), len)).log()).sqrt();
-      const Arr ang = 6.283185307179586f * Eigen::Map<const Arr>(u1.data(), len);
+      const Arr rad = (-2.0f * (1.0f - Eigen::Map<const Arr>(u0.get(), len)).log()).sqrt();
+      const Arr ang = 6.283185307179586f * Eigen::Map<const Arr>(u1.get(), len);
       const int64_t n_cos = std::min(len, qr - i0), n_sin = std::min(len, qr - half - i0);
       if (n_cos > 0) Eigen::Map<Arr>(z + i0, n_cos) = rad.head(n_cos) * ang.head(n_cos).cos();
       if (n_sin > 0)
