@@ -8,6 +8,7 @@ shapes, determinism, and the switch back to the TF-op path.
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -220,3 +221,23 @@ def test_a_library_older_than_its_source_is_not_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "LIBRARY", str(tmp_path / "missing.so"))
     ops, reason = kernels._load()  # pylint: disable=protected-access
     assert ops is None and "python -m brkeras.nn.kernels" in reason
+
+
+def test_a_failed_build_reports_the_compilers_errors_first():
+    stderr = "\n".join(["x.h:1:2: warning: use of 'foo' [-Wfoo]"] * 400
+                       + ["Eigen/PacketMathFP16.h:740:49: error: expected initializer before '<' token"]
+                       + ["x.h:3:4: note: in expansion of macro 'BAR'"] * 400)
+    message = kernels._compiler_errors(stderr)  # pylint: disable=protected-access
+    assert message.startswith("Eigen/PacketMathFP16.h:740:49: error: expected initializer")
+    assert "error:" not in kernels._compiler_errors("a.h:1: warning: w\n")  # pylint: disable=protected-access
+
+
+def test_the_build_leaves_avx512_fp16_off_where_gcc_knows_the_flag():
+    # TF's bundled Eigen does not compile with AVX512-FP16 on (Sapphire Rapids hosts)
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    cmd = kernels.compile_command("/tmp/unused.so")
+    assert "-march=native" in cmd
+    gcc_major = int(subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True,
+                                   check=True).stdout.split(".")[0])
+    assert ("-mno-avx512fp16" in cmd) == (gcc_major >= 12)  # the flag exists since GCC 12

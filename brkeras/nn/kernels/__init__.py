@@ -91,11 +91,29 @@ def _load():
         return None, f"{LIBRARY} does not load ({e}); rebuild with `python -m brkeras.nn.kernels`"
 
 
+def _accepts(flag):
+    """Whether g++ knows `flag` (GCC < 12 has no -mno-avx512fp16)."""
+    r = subprocess.run(["g++", flag, "-fsyntax-only", "-x", "c++", os.devnull],
+                       capture_output=True, check=False)
+    return r.returncode == 0
+
+
 def compile_command(output=LIBRARY):
-    """The g++ command line that builds `output` against the installed TensorFlow."""
+    """The g++ command line that builds `output` against the installed TensorFlow.
+
+    -march=native, less AVX512-FP16: with it on (Sapphire Rapids and later) the
+    Eigen headers that TensorFlow ships fail to compile (PacketMathFP16.h uses
+    templates its Eigen no longer declares); the kernel has no FP16 code."""
     from brkeras._keras import tf  # pylint: disable=g-import-not-at-top
-    return (["g++", "-shared", "-fPIC", "-O3", "-march=native", "-Wno-deprecated-declarations", "-o", output, SOURCE]
+    arch = ["-march=native"] + [f for f in ("-mno-avx512fp16",) if _accepts(f)]
+    return (["g++", "-shared", "-fPIC", "-O3", *arch, "-Wno-deprecated-declarations", "-o", output, SOURCE]
             + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+
+
+def _compiler_errors(stderr, limit=4000):
+    """The compiler's error lines first (its warnings about TF's headers run to pages)."""
+    errors = [line for line in stderr.splitlines() if " error: " in line or line.startswith("error")]
+    return ("\n".join(errors[:20]) + "\n...\n" if errors else "") + stderr[-limit:]
 
 
 def build():
@@ -111,7 +129,7 @@ def build():
     if r.returncode != 0:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(f"building {LIBRARY} failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}")
+        raise RuntimeError(f"building {LIBRARY} failed:\n{' '.join(cmd)}\n{_compiler_errors(r.stderr)}")
     os.replace(tmp, LIBRARY)
     _cache.clear()
     return LIBRARY
