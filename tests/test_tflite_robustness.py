@@ -26,6 +26,7 @@ from brkeras.run import pipeline
 from brkeras.run import summary
 from brkeras.run import train as train_lib
 from brkeras.run import workdir as workdir_lib
+from brkeras.train import batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -44,7 +45,10 @@ def files(tmp_path_factory):
     m = models.build_model((28, 28, 1), 10, depth=8, width=4, sigma=0.1)
     m.compile(keras.optimizers.Adam(0.01),
               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    m.fit(xt, yt.astype(np.int32), epochs=2, batch_size=64, verbose=0)
+    m.fit(xt, yt.astype(np.int32), epochs=3, batch_size=64, verbose=0)
+    # ~100 steps leave BatchNorm's moving averages stale (test accuracy 0.26-0.61
+    # by seed and CPU); statistics of the final weights make it 0.63-0.71
+    batchnorm.reestimate(m, [xt[i:i + 250] for i in range(0, len(xt), 250)])
     det = deploy_export.architecture_copy(m, 0.0)
     det.set_weights(m.get_weights())
     out = tmp_path_factory.mktemp("tflite")
@@ -70,7 +74,7 @@ def test_square_on_a_tflite_file_stays_in_the_ball_and_breaks_a_natural_model(fi
     assert np.abs(x_adv - x).max() <= EPS + 1e-6
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     after = float(np.mean(runner.logits(x_adv).argmax(1) == y))
-    # well above chance (0.1); 2 epochs give 0.59-0.7 depending on the CPU's arithmetic
+    # well above chance (0.1): 0.63-0.71 over seeds and CPUs
     assert before > 0.5 and after <= before - 0.3, (before, after)
     assert np.all(info["queries"] <= 300) and info["success"].mean() >= 1 - after - 1e-9
 
