@@ -58,6 +58,12 @@ model its plain float copy with the constant Q(w) (no quantizer work per call),
 and in every model each conv -> BatchNorm pair folded into one conv (nn/fold.py),
 checked to give the model's logits before use; eval.json's "attack_network"
 says what was done.
+
+Every figure is a mean of per-example correctness, so `evaluate_model` is
+`summarize([evaluate_examples(...)])`: `evaluate_examples` keeps the per-example
+arrays of a slice of the images (a "part"), and `summarize` merges the parts of
+disjoint slices into the result, which run/eval_shards.py uses to evaluate
+slices in worker processes side by side.
 """
 
 import contextlib
@@ -521,6 +527,33 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
         result["attacks"]["pgd20"]["eot"]["expected"], result["worst_case"]["expected"]
     """
     t0 = time.time()
+    part = evaluate_examples(model, x, y, eps=eps, attacks=attacks, eot_attacks=eot_attacks,
+                             eot_samples=eot_samples, batch_size=batch_size, eps_sweep=eps_sweep,
+                             sweep_examples=sweep_examples, more_effort=more_effort,
+                             num_classes=num_classes, attack_params=attack_params,
+                             eot_only=eot_only, predict_batch_size=predict_batch_size,
+                             verbose=verbose)
+    result, adversarial = summarize([part], verbose=verbose)
+    result["time_s"] = round(time.time() - t0, 1)
+    return (result, adversarial) if return_adversarial else result
+
+
+def evaluate_examples(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw"),
+                      eot_attacks=("pgd20",), eot_samples=4, batch_size=200, eps_sweep=None,
+                      sweep_examples=300, more_effort=True, num_classes=None,
+                      attack_params=None, eot_only=(), predict_batch_size=1000, verbose=0):
+    """The per-example work of `evaluate_model` (same arguments): a "part".
+
+    Every result of an evaluation is a mean over examples of per-example
+    correctness, so a part holds those per-example arrays (and each member's
+    x_adv), and `summarize` turns one part, or the parts of disjoint slices of
+    the images evaluated side by side (run/eval_shards.py), into eval.json.
+    The first min(len(x), sweep_examples) examples are this part's eps-sweep
+    and more-effort examples.
+
+    Returns {"meta": JSON-able dict, "arrays": {"a/b/c": np.ndarray}}.
+    """
+    t0 = time.time()
     attack_names = tuple(attacks)
     check_arguments(attack_names, eot_attacks, eot_samples, batch_size, sweep_examples, eps_sweep,
                     eot_only, predict_batch_size, attack_params)
@@ -540,34 +573,35 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
     if num_classes is None:
         num_classes = int(model.outputs[0].shape[-1])
     say = print if verbose else (lambda *a, **k: None)
+    k = min(n, int(sweep_examples))  # examples of the eps sweep and more effort
+    meta = {"n": n, "sweep_n": k, "eps": eps, "num_classes": int(num_classes),
+            "noise": {"sigma": sigma, "draws": draws, "stochastic": stochastic},
+            "runs": [], "settings": {}, "times": {},
+            "eps_sweep": None if eps_sweep is None else [float(e) for e in eps_sweep],
+            "more_effort": bool(more_effort)}
+    arrays = {}
+
+    def keep(prefix, correct, x_adv=None):
+        arrays[f"{prefix}/single"], arrays[f"{prefix}/expected"] = correct
+        if x_adv is not None:
+            arrays[f"{prefix}/x_adv"] = x_adv
+
     restore_phase = None
     if binary_relax.br_quantizers(model):
         restore_phase = binary_relax.br_state(model)[1]
         binary_relax.set_exact(model, True)
     try:
-        net, how = attack_network(model, x[:8])
+        net, meta["attack_network"] = attack_network(model, x[:8])
         m = StochasticModel(net, draws, batch_size, predict_batch_size, check_x=x[:8])
         nat = m.correct(x, y)
-        result = {"n_examples": n, "eps": eps,
-                  "noise": {"sigma": sigma, "draws": draws, "stochastic": stochastic},
-                  "attack_network": how, "natural_acc": _acc(*nat), "attacks": {}}
-        say(f"[evaluate] {n} test examples, natural accuracy {result['natural_acc']}", flush=True)
+        keep("natural", nat)
+        say(f"[evaluate] {n} test examples, natural accuracy {_acc(*nat)}", flush=True)
         n_batches = math.ceil(n / m.batch_size)
-        members = {"natural": nat[1]}  # worst-case members: expected correctness [n]
-        worst_x = WorstCaseExamples(x)
         plain = {}  # attack -> (single, expected) correctness of its plain run at eps
-        k = min(n, int(sweep_examples))  # examples of the eps sweep and more effort
-        plain_pgd_x = None  # the main plain PGD-20 x_adv of those
-
-        def record(label, correct, x_adv):
-            members[label] = correct[1]
-            worst_x.add(label, correct[1], x_adv)
-
+        plain_pgd_x = None  # the main plain PGD-20 x_adv of the first k examples
         for name in attack_names:
             settings = attack_settings(name, params, eps)
-            entry = {"settings": settings, "plain": None, "eot": None}
-            rescaled = {"settings": {**settings, "note": "x + eps * (x_cw - x), as the reference"},
-                        "plain": None, "eot": None}
+            meta["settings"][name] = settings
             for mode, eot in _modes(name, eot_attacks, eot_only, draws, settings):
                 say(f"[evaluate] {name} ({mode}{f', {eot} draws' if eot > 1 else ''})",
                     flush=True)
@@ -582,74 +616,159 @@ def evaluate_model(model, x, y, *, eps, attacks=("fgsm", "ifgsm20", "pgd20", "cw
                     say(f"[evaluate] WARNING {name} ({mode}) gave non-finite x_adv for "
                         f"{int(bad.sum())} examples; counted as not broken", flush=True)
                 c = m.correct(x_adv, y)
-                entry[mode] = _acc(*c)
-                entry[mode]["nonfinite_examples"] = int(bad.sum())
-                entry[mode]["mean_linf"] = float(np.abs(x_adv - x).reshape(n, -1).max(1).mean())
-                entry[mode]["mean_l2"] = float(
-                    np.sqrt(((x_adv - x) ** 2).reshape(n, -1).sum(1)).mean())
-                if mode == "eot":
-                    entry[mode]["draws"] = eot
-                else:
+                run = f"run/{name}/{mode}"
+                member = settings.get("norm") == "linf"
+                keep(run, c, x_adv if member else None)
+                arrays[f"{run}/nonfinite"] = bad
+                arrays[f"{run}/linf"] = np.abs(x_adv - x).reshape(n, -1).max(1)
+                arrays[f"{run}/l2"] = np.sqrt(((x_adv - x) ** 2).reshape(n, -1).sum(1))
+                if mode == "plain":
                     plain[name] = c
                     if name == "pgd20":  # restart 1 of the more-effort restarts_x2
                         plain_pgd_x = x_adv[:k]
-                if settings.get("norm") == "linf":
-                    record(f"{name}/{mode}", c, x_adv)
                 if name == "cw":  # x + eps (x_cw - x) lies in the L-inf eps-ball
                     x_r = attacks_rescale(x, x_adv, eps)
-                    c_r = m.correct(x_r, y)
-                    rescaled[mode] = _acc(*c_r)
-                    record(f"cw_rescaled/{mode}", c_r, x_r)
-                entry[mode]["time_s"] = round(time.time() - t_mode, 1)
-            result["attacks"][name] = entry
-            if name == "cw":
-                result["attacks"]["cw_rescaled"] = rescaled
+                    keep(f"run/cw_rescaled/{mode}", m.correct(x_r, y), x_r)
+                meta["runs"].append([name, mode, int(eot), bool(member)])
+                meta["times"][f"{name}/{mode}"] = round(time.time() - t_mode, 1)
         xs, ys = x[:k], y[:k]
 
-        def subset_accuracy(name, e):
-            """Accuracy of plain attack `name` at radius e on the first k examples; the
-            natural accuracy (e = 0) and the main runs (e = eps) are reused."""
+        def subset_correct(name, e):
+            """Per-example correctness of plain attack `name` at radius e on the first k
+            examples; the natural run (e = 0) and the main runs (e = eps) are reused."""
             if e == 0:
-                return _acc(nat[0][:k], nat[1][:k])
+                return nat[0][:k], nat[1][:k]
             if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12) and name in plain:
-                return _acc(plain[name][0][:k], plain[name][1][:k])
-            return m.accuracy(adversarial_examples(m, name, attack_settings(name, params, e),
-                                                   xs, ys, 1), ys)
+                return plain[name][0][:k], plain[name][1][:k]
+            return m.correct(adversarial_examples(m, name, attack_settings(name, params, e),
+                                                  xs, ys, 1), ys)
 
         if eps_sweep is not None:
-            sweep = {"eps": [float(e) for e in eps_sweep], "n_examples": k, "attacks": {}}
-            say(f"[evaluate] eps sweep over {sweep['eps']} on {k} examples", flush=True)
-            bar = _progress(2 * len(sweep["eps"]), verbose, "eps")
-            for name in ("fgsm", "pgd20"):
-                accs = {"single": [], "expected": []}
-                for e in sweep["eps"]:
-                    a = subset_accuracy(name, e)
-                    accs["single"].append(a["single"])
-                    accs["expected"].append(a["expected"])
+            say(f"[evaluate] eps sweep over {meta['eps_sweep']} on {k} examples", flush=True)
+            bar = _progress(2 * len(meta["eps_sweep"]), verbose, "eps")
+            for name in SWEEP_ATTACKS:
+                for i, e in enumerate(meta["eps_sweep"]):
+                    keep(f"sweep/{name}/{i}", subset_correct(name, e))
                     bar.add(1)
-                sweep["attacks"][name] = accs
-            result["eps_sweep"] = sweep
         if more_effort:
             base = attack_settings("pgd20", params, eps)
-            result["more_effort"] = {
-                "pgd20": subset_accuracy("pgd20", eps),
-                "steps_x2": m.accuracy(adversarial_examples(m, "pgd20", {**base, "nb_iter": 40},
-                                                            xs, ys, 1), ys),
-                "restarts_x2": m.accuracy(_restarts_x2(m, base, xs, ys, plain_pgd_x), ys),
-                "n_examples": k}
-        result["worst_case"], robust = worst_case(members)
-        say(f"[evaluate] worst case over {len(members)} attacks and modes: "
-            f"{result['worst_case']['expected']:.4f}", flush=True)
-        result["sanity"] = sanity_checks(result, n, stochastic, num_classes, k)
-        result["sparsity"] = sparsity.report(model_kernels(model))
+            keep("more/pgd20", subset_correct("pgd20", eps))
+            keep("more/steps_x2", m.correct(adversarial_examples(
+                m, "pgd20", {**base, "nb_iter": 40}, xs, ys, 1), ys))
+            keep("more/restarts_x2", m.correct(_restarts_x2(m, base, xs, ys, plain_pgd_x), ys))
+        meta["sparsity"] = sparsity.report(model_kernels(model))
     finally:
         if restore_phase is not None:
             binary_relax.set_exact(model, restore_phase)
-    result["time_s"] = round(time.time() - t0, 1)
-    if return_adversarial:
-        return result, {"x": x, "y": y, "x_adv": worst_x.x_adv, "robust": robust,
-                        "source": worst_x.source, "members": np.array(worst_x.names)}
-    return result
+    arrays["x"], arrays["y"] = x, y
+    meta["time_s"] = round(time.time() - t0, 1)
+    return {"meta": meta, "arrays": arrays}
+
+
+SWEEP_ATTACKS = ("fgsm", "pgd20")
+MORE_EFFORT = ("pgd20", "steps_x2", "restarts_x2")
+
+
+def summarize(parts, positions=None, verbose=0):
+    """eval.json's dict and the worst-case adversarial arrays from `evaluate_examples` parts.
+
+    parts: made with the same arguments on disjoint slices of the images.
+    positions: per part, the index of each of its examples in the images
+    evaluated (None: one part, in order); the eps sweep and more-effort
+    examples are the first sweep_n of each part and must be, together, the
+    first sum(sweep_n) images. A mode's time_s is the longest of its parts'
+    (parts run side by side)."""
+    metas = [p["meta"] for p in parts]
+    if positions is None:
+        if len(parts) != 1:
+            raise ValueError(f"summarize got {len(parts)} parts and no positions; give the "
+                             "index of each part's examples among the images evaluated")
+        positions = [np.arange(metas[0]["n"])]
+    positions = [np.asarray(pos, np.int64) for pos in positions]
+    n, k = sum(mt["n"] for mt in metas), sum(mt["sweep_n"] for mt in metas)
+    for mt, pos in zip(metas, positions):
+        if len(pos) != mt["n"] or (mt["sweep_n"] and pos[:mt["sweep_n"]].max() >= k):
+            raise ValueError("summarize: positions do not match the parts' examples")
+    if sorted(np.concatenate(positions).tolist()) != list(range(n)):
+        raise ValueError(f"summarize: the positions of the parts are not a permutation of {n} "
+                         "examples")
+    first = metas[0]
+    for mt in metas[1:]:
+        for key in ("eps", "noise", "runs", "settings", "eps_sweep", "more_effort"):
+            if mt[key] != first[key]:
+                raise ValueError(f"summarize: parts made with different {key}")
+
+    def gather(key, sweep=False):
+        """The per-example array `key` of every part, in the order of the images."""
+        chunks = [p["arrays"][key] for p in parts]
+        out = np.empty((k if sweep else n,) + chunks[0].shape[1:], chunks[0].dtype)
+        for chunk, pos, mt in zip(chunks, positions, metas):
+            out[pos[:mt["sweep_n"]] if sweep else pos] = chunk
+        return out
+
+    def correct(prefix, sweep=False):
+        return gather(f"{prefix}/single", sweep), gather(f"{prefix}/expected", sweep)
+
+    say = print if verbose else (lambda *a, **kw: None)
+    x, y = gather("x"), gather("y")
+    nat = correct("natural")
+    result = {"n_examples": n, "eps": first["eps"], "noise": first["noise"],
+              "attack_network": first["attack_network"], "natural_acc": _acc(*nat),
+              "attacks": {}}
+    members = {"natural": nat[1]}  # worst-case members: expected correctness [n]
+    worst_x = WorstCaseExamples(x)
+
+    def record(label, c, x_adv):
+        members[label] = c[1]
+        worst_x.add(label, c[1], x_adv)
+
+    for name, mode, eot, member in first["runs"]:
+        settings = first["settings"][name]
+        if name not in result["attacks"]:
+            result["attacks"][name] = {"settings": settings, "plain": None, "eot": None}
+            if name == "cw":
+                result["attacks"]["cw_rescaled"] = {
+                    "settings": {**settings, "note": "x + eps * (x_cw - x), as the reference"},
+                    "plain": None, "eot": None}
+        run = f"run/{name}/{mode}"
+        c = correct(run)
+        entry = _acc(*c)
+        entry["nonfinite_examples"] = int(gather(f"{run}/nonfinite").sum())
+        entry["mean_linf"] = float(gather(f"{run}/linf").mean())
+        entry["mean_l2"] = float(gather(f"{run}/l2").mean())
+        if mode == "eot":
+            entry["draws"] = eot
+        if member:
+            record(f"{name}/{mode}", c, gather(f"{run}/x_adv"))
+        if name == "cw":
+            c_r = correct(f"run/cw_rescaled/{mode}")
+            result["attacks"]["cw_rescaled"][mode] = _acc(*c_r)
+            record(f"cw_rescaled/{mode}", c_r, gather(f"run/cw_rescaled/{mode}/x_adv"))
+        entry["time_s"] = max(mt["times"][f"{name}/{mode}"] for mt in metas)
+        result["attacks"][name][mode] = entry
+    if first["eps_sweep"] is not None:
+        result["eps_sweep"] = {
+            "eps": first["eps_sweep"], "n_examples": k,
+            "attacks": {name: _sweep_lists([_acc(*correct(f"sweep/{name}/{i}", sweep=True))
+                                            for i in range(len(first["eps_sweep"]))])
+                        for name in SWEEP_ATTACKS}}
+    if first["more_effort"]:
+        result["more_effort"] = {key: _acc(*correct(f"more/{key}", sweep=True))
+                                 for key in MORE_EFFORT}
+        result["more_effort"]["n_examples"] = k
+    result["worst_case"], robust = worst_case(members)
+    say(f"[evaluate] worst case over {len(members)} attacks and modes: "
+        f"{result['worst_case']['expected']:.4f}", flush=True)
+    result["sanity"] = sanity_checks(result, n, first["noise"]["stochastic"],
+                                     first["num_classes"], k)
+    result["sparsity"] = first["sparsity"]
+    result["time_s"] = max(mt["time_s"] for mt in metas)
+    return result, {"x": x, "y": y, "x_adv": worst_x.x_adv, "robust": robust,
+                    "source": worst_x.source, "members": np.array(worst_x.names)}
+
+
+def _sweep_lists(accs):
+    return {"single": [a["single"] for a in accs], "expected": [a["expected"] for a in accs]}
 
 
 def attacks_rescale(x, x_adv, eps):

@@ -122,6 +122,10 @@ def base_config():
     # of eot_attacks, run only with EOT on a noisy model (plain would be a weaker copy)
     c.eval.eot_only = ("apgd_ce", "apgd_dlr")
     c.eval.predict_batch_size = 1000  # examples per compiled prediction call
+    # `brkeras evaluate` splits the images among this many worker processes
+    # (run/eval_shards.py; the same results up to the noise draws). 0 = one per
+    # core, at most one per batch_size images; 1 = in the calling process.
+    c.eval.shards = 0
     # Attack steps relative to config.adv.eps, as SPEC 5 at CIFAR scale:
     # IFGSM-20 steps 1/255 of an 8/255 ball, PGD-20 steps 2/255.
     c.eval.ifgsm_step_fraction = 1 / 8

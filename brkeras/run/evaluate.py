@@ -24,6 +24,7 @@ from brkeras import data
 from brkeras.errors import WorkdirError
 from brkeras.robust import evaluation
 from brkeras.run import config as config_lib
+from brkeras.run import eval_shards
 from brkeras.run import lock
 from brkeras.run import report
 from brkeras.run import train as train_lib
@@ -105,36 +106,52 @@ def eval_images(config):
     return x_u8[first:].astype(np.float32) / 255.0, y[first:]
 
 
+def evaluation_kwargs(config):
+    """The keyword arguments of evaluation.evaluate_model / evaluate_examples that
+    config.eval and config.adv.eps give, but sweep_examples."""
+    ev = config.eval
+    return dict(eps=float(config.adv.eps), attacks=tuple(ev.attacks),
+                eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
+                batch_size=int(ev.batch_size), eps_sweep=tuple(ev.eps_sweep),
+                num_classes=data.info(config.data.name).num_classes,
+                attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
+                predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)))
+
+
 def evaluate_arrays(net, x, y, config, verbose=1):
     """evaluation.evaluate_model of `net` on (x, y) with config.eval's settings (checked
-    first); returns (result, worst-case adversarial arrays)."""
-    ev = config.eval
-    check_eval_config(ev)
-    return evaluation.evaluate_model(
-        net, x, y, eps=float(config.adv.eps), attacks=tuple(ev.attacks),
-        eot_attacks=tuple(ev.eot_attacks), eot_samples=int(ev.eot_samples),
-        batch_size=int(ev.batch_size), eps_sweep=tuple(ev.eps_sweep),
-        sweep_examples=int(ev.sweep_examples),
-        num_classes=data.info(config.data.name).num_classes,
-        attack_params=ev.to_dict(), eot_only=tuple(ev.get("eot_only", ())),
-        predict_batch_size=int(ev.get("predict_batch_size", ev.batch_size)),
-        return_adversarial=True, verbose=verbose)
+    first), in this process; returns (result, worst-case adversarial arrays)."""
+    check_eval_config(config.eval)
+    return evaluation.evaluate_model(net, x, y, sweep_examples=int(config.eval.sweep_examples),
+                                     **evaluation_kwargs(config), return_adversarial=True,
+                                     verbose=verbose)
 
 
 @lock.locked("evaluate")  # one writer per work dir
-def evaluate(workdir, overrides=None, verbose=1):
-    """Evaluates the trained model of `workdir`; writes eval.json, report.md, plots."""
+def evaluate(workdir, overrides=None, verbose=1, threads=None):
+    """Evaluates the trained model of `workdir`; writes eval.json, report.md, plots.
+
+    With config.eval.shards != 1 the images are split among worker processes
+    (run/eval_shards.py) sharing `threads` cores (None: all this process may use)."""
     t0 = time.time()
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     check_eval_config(config.eval)  # before loading anything
     state = workdir_lib.read_state(workdir)
     x, y = eval_images(config)  # a bad index fails before the model loads
-    net = train_lib.load(workdir)
+    cores = threads or workers_lib.usable_cores()
+    floor = workers_lib.thread_floor(config.model.width)
+    shards = eval_shards.count(config.eval, len(y), cores, floor)
+    net = train_lib.load(workdir) if shards == 1 else None  # else each shard loads it
     if not state["finished"] and verbose:
         print(f"[evaluate] WARNING {workdir} holds an unfinished training "
               f"({state['completed_epochs']} epochs done); evaluating its last checkpoint",
               flush=True)
-    result, adv = evaluate_arrays(net, x, y, config, verbose)
+    if shards == 1:
+        result, adv = evaluate_arrays(net, x, y, config, verbose)
+    else:
+        result, adv = eval_shards.evaluate(workdir, config, len(y), shards, cores, floor,
+                                           verbose)
+        result["shards"] = shards
     result["workdir"] = os.path.abspath(workdir)
     split, first = image_range(config.eval)
     result["images"] = {"split": split, "first": first}  # the images evaluated

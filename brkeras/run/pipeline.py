@@ -261,13 +261,16 @@ def _run_stages(label, c, workdir, stages, overwrite, verbose):
 def _worker_job(label, c, workdir, stages, overwrite, verbose, threads):
     """A worker process's job (run/workers.py): `_run_stages` with one line per epoch
     and attack (no progress bars: two workers share the terminal), and as many
-    LiteRT workers for Square as TensorFlow threads (`threads`, the process's
-    share of the cores; config.eval.tflite_workers if set). Returns None or
+    LiteRT workers for Square, and evaluation shards of one thread
+    (run/eval_shards.py), as TensorFlow threads (`threads`, the process's share
+    of the cores; config.eval.tflite_workers and shards if set). Returns None or
     (stage, description): exceptions stay in the worker."""
     c = copy.deepcopy(c)
     with c.unlocked():
         if not int(c.eval.get("tflite_workers", 0)):
             c.eval.tflite_workers = threads
+        if not int(c.eval.get("shards", 0)):  # this worker's cores, not the machine's
+            c.eval.shards = max(1, threads // workers_lib.thread_floor(c.model.width))
     failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2 if verbose else 0)
     return failed[:2] if failed else None
 
