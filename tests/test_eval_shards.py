@@ -171,3 +171,13 @@ def test_evaluate_in_two_shards_writes_a_whole_eval_json(tmp_path):
     assert two["worst_case"]["expected"] == pytest.approx(float(np.mean(adv["robust"])))
     assert np.abs(adv["x_adv"] - adv["x"]).max() <= float(config.adv.eps) + 1e-6
     assert len(two["sanity"]) == len(one["sanity"]) > 0
+
+
+def test_a_negative_shard_count_is_refused_by_the_config_check():
+    from brkeras.run import config as config_lib  # pylint: disable=g-import-not-at-top
+    c = smoke.get_config("float,tradeoff")
+    c.eval.shards = -1
+    with pytest.raises(ValueError, match="config.eval.shards=-1"):
+        config_lib.validate(c)
+    c.eval.shards = 2
+    config_lib.validate(c)

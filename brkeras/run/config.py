@@ -260,6 +260,10 @@ def validate(c):
     need(c.eval.get("tflite_workers", 0) >= 0 and c.eval.get("square_shards", 1) >= 1,
          "config.eval.tflite_workers must be >= 0 (0 = one per core) and "
          "config.eval.square_shards >= 1")
+    shards = c.eval.get("shards", 0)
+    need(isinstance(shards, int) and not isinstance(shards, bool) and shards >= 0,
+         f"config.eval.shards={shards!r}; give a whole number >= 0 (0 = one worker process "
+         "per CPU core, 1 = evaluate in this process)")
     workers = c.pipeline.get("workers", 1)
     need(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
          f"config.pipeline.workers={workers!r}; give a whole number >= 1 (1 = one model at "
