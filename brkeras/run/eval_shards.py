@@ -100,7 +100,7 @@ def evaluate(workdir, config, n_examples, shards, cores, floor=1, verbose=1):
                 for i, (p, path) in enumerate(zip(pos, paths))]
         if verbose:
             print(f"[evaluate] {n_examples} examples in {shards} shards, one worker process "
-                  f"each ({max(floor, cores // shards)} TensorFlow threads)", flush=True)
+                  f"each ({max(floor, cores // shards)} TensorFlow thread(s))", flush=True)
         outcome = workers_lib.run_jobs(jobs, shards, cores=cores,
                                        prefix=lambda key: f"[shard {key[1] + 1}/{shards}] ")
         failed = {k: v for k, v in outcome.items() if v is not None}
