@@ -270,7 +270,8 @@ def _worker_job(label, c, workdir, stages, overwrite, verbose, threads):
         if not int(c.eval.get("tflite_workers", 0)):
             c.eval.tflite_workers = threads
         if not int(c.eval.get("shards", 0)):  # this worker's cores, not the machine's
-            c.eval.shards = max(1, threads // workers_lib.thread_floor(c.model.width))
+            floor = importlib.import_module("brkeras.run.workers").thread_floor(c.model.width)
+            c.eval.shards = max(1, threads // floor)
     failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2 if verbose else 0)
     return failed[:2] if failed else None
 
