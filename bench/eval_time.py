@@ -4,7 +4,8 @@
       [--batch_sizes=200,500,1000] [--rounds=2]
 
 Loads the trained model of `--workdir` once and runs `run.evaluate.evaluate_arrays`
-(what `brkeras evaluate` runs) with that run's config.eval (the attacks, draws and examples of `brkeras evaluate`),
+(what `brkeras evaluate` runs in one process, eval.shards=1; its shards are
+run/eval_shards.py) with that run's config.eval (the attacks, draws and examples of `brkeras evaluate`),
 overriding only eval.batch_size, the batch sizes in turn, `--rounds` times, so a
 change of the machine's speed hits every size alike. Round 1 includes the tracing
 of every attack. Prints seconds per round and the worst-case and EOT-PGD-20
