@@ -3,6 +3,7 @@ per-example parts (robust/evaluation.summarize), and `brkeras evaluate` with two
 worker processes against one."""
 
 import copy
+import json
 import os
 import sys
 
@@ -134,7 +135,6 @@ def test_a_part_survives_its_npz(part, tmp_path):
 
 
 def _jsonish(meta):
-    import json  # pylint: disable=g-import-not-at-top
     return json.loads(json.dumps(meta))
 
 

@@ -128,17 +128,18 @@ def evaluate_arrays(net, x, y, config, verbose=1):
 
 
 @lock.locked("evaluate")  # one writer per work dir
-def evaluate(workdir, overrides=None, verbose=1, threads=None):
+def evaluate(workdir, overrides=None, verbose=1, cores=None):
     """Evaluates the trained model of `workdir`; writes eval.json, report.md, plots.
 
     With config.eval.shards != 1 the images are split among worker processes
-    (run/eval_shards.py) sharing `threads` cores (None: all this process may use)."""
+    (run/eval_shards.py) sharing `cores` (None: all this process may use; a
+    pipeline worker passes its share)."""
     t0 = time.time()
     config = config_lib.stage_config(workdir_lib.load_config(workdir), overrides)
     check_eval_config(config.eval)  # before loading anything
     state = workdir_lib.read_state(workdir)
     x, y = eval_images(config)  # a bad index fails before the model loads
-    cores = threads or workers_lib.usable_cores()
+    cores = cores or workers_lib.usable_cores()
     floor = workers_lib.thread_floor(config.model.width)
     shards = eval_shards.count(config.eval, len(y), cores, floor)
     net = train_lib.load(workdir) if shards == 1 else None  # else each shard loads it

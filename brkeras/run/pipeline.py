@@ -227,8 +227,9 @@ def _describe(e):
     return f"{type(e).__name__}: {e}"
 
 
-def _run_stages(label, c, workdir, stages, overwrite, verbose):
-    """Runs `stages` of one model in order, skipping those done already.
+def _run_stages(label, c, workdir, stages, overwrite, verbose, cores=None):
+    """Runs `stages` of one model in order, skipping those done already; `cores`
+    (a worker's share of them; None = all) goes to the stages that take it.
 
     Returns None, or (stage, description, exception) of the stage that failed
     (the model's later stages are then skipped)."""
@@ -242,8 +243,8 @@ def _run_stages(label, c, workdir, stages, overwrite, verbose):
         t0 = time.time()
         try:
             fn = stage_function(stage)
-            more = {"verbose": verbose} if "verbose" in inspect.signature(fn).parameters \
-                else {}
+            params = inspect.signature(fn).parameters
+            more = {k: v for k, v in (("verbose", verbose), ("cores", cores)) if k in params}
             if stage == "train":
                 fn(c, workdir, overwrite=overwrite, **more)
             else:
@@ -261,18 +262,16 @@ def _run_stages(label, c, workdir, stages, overwrite, verbose):
 def _worker_job(label, c, workdir, stages, overwrite, verbose, threads):
     """A worker process's job (run/workers.py): `_run_stages` with one line per epoch
     and attack (no progress bars: two workers share the terminal), and as many
-    LiteRT workers for Square, and evaluation shards of one thread
-    (run/eval_shards.py), as TensorFlow threads (`threads`, the process's share
-    of the cores; config.eval.tflite_workers and shards if set). Returns None or
+    LiteRT workers for Square as TensorFlow threads (`threads`, the process's
+    share of the cores; config.eval.tflite_workers if set), and `threads` as the
+    cores of the stages that split work (evaluate's shards). Returns None or
     (stage, description): exceptions stay in the worker."""
     c = copy.deepcopy(c)
     with c.unlocked():
         if not int(c.eval.get("tflite_workers", 0)):
             c.eval.tflite_workers = threads
-        if not int(c.eval.get("shards", 0)):  # this worker's cores, not the machine's
-            floor = importlib.import_module("brkeras.run.workers").thread_floor(c.model.width)
-            c.eval.shards = max(1, threads // floor)
-    failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2 if verbose else 0)
+    failed = _run_stages(label, c, workdir, stages, overwrite, verbose=2 if verbose else 0,
+                         cores=threads)
     return failed[:2] if failed else None
 
 
